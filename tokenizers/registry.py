@@ -1,0 +1,20 @@
+"""Build a tokenizer by kind name. New tokenizers register here (one line each)."""
+from __future__ import annotations
+
+import importlib
+
+from tokenizers.base import ImageTokenizer
+
+# kind -> "module:factory"; factories take keyword arguments from the `tokenizer` config section.
+TOKENIZERS = {
+    "pixel": "tokenizers.pixel:PixelTokenizer",
+}
+
+
+def build_tokenizer(kind: str, **kwargs) -> ImageTokenizer:
+    if kind not in TOKENIZERS:
+        raise ValueError(f"tokenizer.kind: unknown tokenizer {kind!r} (choose from {sorted(TOKENIZERS)})")
+    module, attr = TOKENIZERS[kind].split(":")
+    tok = getattr(importlib.import_module(module), attr)(**kwargs)
+    tok.eval().requires_grad_(False)
+    return tok

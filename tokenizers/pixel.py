@@ -35,3 +35,26 @@ class PixelTokenizer(ImageTokenizer):
         # codes [B,h,w] -> uint8 [B,3,h,w]
         grey = torch.round(codes.float().clamp(0, self.levels - 1) * (255.0 / (self.levels - 1)))
         return grey.to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+class CodesTokenizer(ImageTokenizer):
+    """No pixels: the model trains on pre-extracted codes of an external tokenizer (or on official checkpoints
+    without their VQ). ``decode`` shows codes as grey levels so grids and order maps still render."""
+
+    name = "codes"
+
+    def __init__(self, vocab_size: int, source: str = ""):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.source = source  # the fingerprint of the real tokenizer the codes came from, when known
+
+    def config(self) -> dict:
+        return {"vocab_size": self.vocab_size, "source": self.source}
+
+    def encode(self, images):
+        raise ValueError("tokenizer.kind=codes cannot encode images: use code shards or a real tokenizer")
+
+    @torch.no_grad()
+    def decode(self, codes):
+        grey = (codes.float() * (255.0 / max(1, self.vocab_size - 1))).round().to(torch.uint8)
+        return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()

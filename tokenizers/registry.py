@@ -8,6 +8,11 @@ from tokenizers.base import ImageTokenizer
 # kind -> "module:factory"; factories take keyword arguments from the `tokenizer` config section.
 TOKENIZERS = {
     "pixel": "tokenizers.pixel:PixelTokenizer",
+    "codes": "tokenizers.pixel:CodesTokenizer",
+    # VQ tokenizers: ``path`` = local weights file ("" = random init), ``preset`` + config keys otherwise.
+    "llamagen_vq": "tokenizers.vq:build_llamagen_vq",
+    "digits_vq": "tokenizers.vq:build_digits_vq",
+    "maskgit_vq": "tokenizers.maskgit_vq:build_maskgit_vq",
 }
 
 

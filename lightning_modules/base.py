@@ -1,0 +1,226 @@
+"""ARModule: everything the orderings share — loss, optimiser groups, LR schedule, val NLL, sampling entry point.
+
+An ordering subclass implements four hooks and nothing else (docs/architecture.md):
+  backbone_options()                    -> backbone features it needs (position tokens, cross layers, ...)
+  train_inputs(codes, labels, step, g)  -> (Seq, targets [B, M])        the training sequence
+  decode_plan(B, steps, schedule, g, known, order) -> DecodePlan        order per sample + tokens per step
+  decode_step(state, n)                 -> Seq                          one cached forward of the sampler
+plus class attributes ``default_sample`` and ``cfg_counts_current_step``.
+Constructor arguments are plain dicts (recorded by save_hyperparameters); YAML lives in experiments/.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.backbones import build_backbone, resolve_size
+from lightning_modules.sampling import DecodePlan, DecodeState, SampleSettings, generate
+from lightning_modules.nn.sequence import Seq
+from tokenizers.base import check_fingerprint
+from tokenizers.registry import build_tokenizer
+
+NONFINITE_LIMIT_DEFAULT = 5
+
+
+def derive_seed(*parts: int) -> int:
+    """Mix integers (seed, rank, step, salt...) into one 63-bit seed; stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def make_generator(seed: int, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+class ARModule(L.LightningModule):
+    default_sample: dict = dict(schedule="one_per_step", cfg_schedule="constant")
+    cfg_counts_current_step = False  # CFG ramp on the count decoded before the step (RandAR, RAR, LlamaGen)
+
+    def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, sample: dict | None = None,
+                 seed: int = 0, max_steps: int = 1000):
+        super().__init__()
+        self.save_hyperparameters()
+        tok = build_tokenizer(**tokenizer["build"])
+        self._tokenizer = [tok]  # a list: frozen, not a submodule, never in our checkpoints (fingerprint is)
+        self.tokenizer_fingerprint = tok.fingerprint
+        self.grid = tuple(model["grid"])
+        dims = resolve_size(model.get("flavour", "llama"), model.get("size", "debug"),
+                            **{k: model.get(k, 0) for k in ("dim", "n_layer", "n_head", "ffn_hidden")})
+        options = dict(model.get("backbone", {}))
+        options.update(self.backbone_options(dims))
+        self.backbone = build_backbone(model.get("flavour", "llama"), vocab_size=tok.vocab_size,
+                                       num_classes=model["num_classes"], grid=self.grid, **dims, **options)
+        self.optim = dict(optim or {})
+        self.sample_defaults = {**self.default_sample, **{k: v for k, v in (sample or {}).items() if v is not None}}
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+
+    # ------------------------------------------------------------------ ordering hooks
+    def backbone_options(self, dims: dict) -> dict:
+        return {}
+
+    def train_inputs(self, codes, labels, step: int, generator) -> tuple[Seq, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None) -> DecodePlan:
+        raise NotImplementedError
+
+    def decode_step(self, state: DecodeState, n: int) -> Seq:
+        raise NotImplementedError
+
+    def cache_length(self, num_positions: int) -> int:
+        return num_positions + 1
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def tokenizer(self):
+        tok = self._tokenizer[0]
+        if next(iter(tok.buffers()), None) is not None or next(iter(tok.parameters()), None) is not None:
+            tok.to(self.device)
+        return tok
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """Seeded from (seed, rank, step, salt): every random order is reproducible and differs across ranks."""
+        return make_generator(derive_seed(self.hparams.seed, self.global_rank, step, salt), self.device)
+
+    def codes_from_batch(self, batch: dict) -> torch.Tensor:
+        """Batch contract: {"codes": long [B,h,w]} or {"image": uint8 [B,3,H,W]}, plus "label" -> codes [B, N]."""
+        codes = batch["codes"] if "codes" in batch else self.tokenizer.encode(batch["image"])
+        if tuple(codes.shape[1:]) != self.grid:
+            raise ValueError(f"data: code grid {tuple(codes.shape[1:])} does not match model.grid {self.grid}")
+        return codes.reshape(codes.shape[0], -1).long()
+
+    def drop_classes(self, labels: torch.Tensor, generator) -> torch.Tensor:
+        p = self.hparams.model.get("class_dropout", 0.1)
+        if p <= 0:
+            return labels
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+        return torch.where(drop, torch.full_like(labels, self.backbone.num_classes), labels)
+
+    def loss_on(self, codes, labels, step: int, generator) -> torch.Tensor:
+        seq, targets = self.train_inputs(codes, labels, step, generator)
+        logits = self.backbone(seq)  # [B, M, V]
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        step = self.global_step
+        g = self.generator(step)
+        codes = self.codes_from_batch(batch)
+        loss = self.loss_on(codes, self.drop_classes(batch["label"], g), step, g)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank must skip together, or DDP hangs
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if finite.item() < 1:
+            return self.skip_nonfinite(step)
+        self.nonfinite_streak = 0
+        self.log("train/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def skip_nonfinite(self, step: int):
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total))
+        limit = self.optim.get("max_nonfinite_in_a_row", NONFINITE_LIMIT_DEFAULT)
+        if self.nonfinite_streak >= limit:
+            raise RuntimeError(f"train: {self.nonfinite_streak} non-finite losses in a row (last at step {step}); "
+                               f"stopping — lower optim.lr or check the data")
+        return None  # Lightning skips backward and the optimizer step
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def validation_step(self, batch, batch_idx):
+        # Val NLL under the order distribution the variant *samples* with (end of its training schedule),
+        # with a generator fixed per batch so every evaluation of every run sees the same orders.
+        g = make_generator(derive_seed(self.hparams.seed, 7, batch_idx, self.global_rank), self.device)
+        codes = self.codes_from_batch(batch)
+        loss = self.loss_on(codes, batch["label"], self.hparams.max_steps, g)
+        self.log("val/nll", loss / math.log(2), prog_bar=True, sync_dist=True, batch_size=codes.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        o = self.optim
+        no_decay_names = tuple(o.get("no_decay_names", ()))
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            if not p.requires_grad:
+                continue
+            # decay on >= 2-D tensors (matmuls, embeddings, RandAR's [1, d] position vector) unless named out
+            (decay if p.ndim >= 2 and not any(s in name for s in no_decay_names) else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.get("weight_decay", 0.05)},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=o.get("lr", 1e-4), betas=tuple(o.get("betas", (0.9, 0.95))),
+                                fused=o.get("fused", False) or None)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_multiplier(self, step: int) -> float:
+        """Linear warmup, then constant or cosine down to ``min_lr_ratio`` (a pure function of the step)."""
+        o, total = self.optim, max(1, self.hparams.max_steps)
+        warmup = o.get("warmup_steps", 0)
+        warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if o.get("schedule", "constant") == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = o.get("min_lr_ratio", 0.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ------------------------------------------------------------------ sampling
+    def sample_settings(self, **overrides) -> SampleSettings:
+        s = {**self.sample_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if not s.get("num_steps"):
+            s["num_steps"] = self.default_num_steps(self.num_positions)
+        fields = SampleSettings.__dataclass_fields__
+        return SampleSettings(**{k: v for k, v in s.items() if k in fields})
+
+    def default_num_steps(self, num_positions: int) -> int:
+        return num_positions
+
+    @torch.no_grad()
+    def sample_codes(self, labels: torch.Tensor, seed: int, **overrides) -> torch.Tensor:
+        """Codes long [B, h, w] for ``labels``, deterministic given (labels, seed, settings)."""
+        labels = labels.to(self.device)
+        codes = generate(self, labels, self.sample_settings(**overrides), make_generator(seed, self.device))
+        return codes.view(-1, *self.grid)
+
+    @torch.no_grad()
+    def sample_images(self, labels: torch.Tensor, seed: int, **overrides) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return self.tokenizer.decode(self.sample_codes(labels, seed, **overrides))  # uint8 [B, 3, H, W]
+        finally:
+            self.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["roar"] = {"tokenizer_fingerprint": self.tokenizer_fingerprint,
+                              "vocab_size": self.backbone.vocab_size, "variant": type(self).__name__,
+                              "nonfinite_total": self.nonfinite_total}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("roar", {})
+        if "tokenizer_fingerprint" in meta:
+            check_fingerprint(self.tokenizer_fingerprint, meta["tokenizer_fingerprint"], "checkpoint")
+        if meta.get("vocab_size", self.backbone.vocab_size) != self.backbone.vocab_size:
+            raise ValueError(f"checkpoint: vocabulary {meta['vocab_size']} does not match the configured tokenizer's "
+                             f"{self.backbone.vocab_size}")
+        self.nonfinite_total = meta.get("nonfinite_total", 0)

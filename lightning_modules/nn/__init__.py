@@ -1,0 +1,1 @@
+"""Pure torch components: no Lightning, no YAML. See docs/architecture.md."""

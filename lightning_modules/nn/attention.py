@@ -1,0 +1,103 @@
+"""Multi-head attention over SDPA with a static, preallocated KV cache written at explicit rows.
+
+One class serves both backbone flavours: LlamaGen-style (fused bias-free ``wqkv``, 2D RoPE) and RAR's ViT
+(fused ``qkv`` with bias, per-head QK-LayerNorm, no RoPE). The cache is written *at rows* rather than appended,
+because RandAR's decode overwrites the previous step's extra query slots (docs/methods/randar_arpg.md §1.2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_modules.nn.rope import apply_rope
+
+
+class KVCache:
+    """Static cache for one attention layer: k, v [B, H, max_len, hd]; ``length`` = rows visible so far."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows long [L]; k, v [B, H, L, hd]. Returns the visible keys/values [B, H, Lk, hd]."""
+        self.k.index_copy_(2, rows, k.to(self.k.dtype))
+        self.v.index_copy_(2, rows, v.to(self.v.dtype))
+        # Keys are truncated to max(row)+1 (official); rows only grow, and stale rows past it stay invisible.
+        self.length = int(rows.max()) + 1
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class CacheSet:
+    """All KV caches of one backbone for one generation (one per self layer, plus the shared cross K/V)."""
+
+    def __init__(self, caches: list[KVCache], shared: KVCache | None = None):
+        self.layers = caches
+        self.shared = shared
+
+
+def attend(q, k, v, mask, causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """q [B,H,L,hd], k/v [B,H,Lk,hd], mask bool [B|1,1,L,Lk] or None -> [B, L, H*hd]."""
+    if mask is not None:
+        mask = mask.to(q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                         dropout_p=dropout_p)
+    return out.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, n_head: int, *, bias: bool = False, qk_norm: bool = False, attn_dropout: float = 0.0,
+                 resid_dropout: float = 0.0, names: tuple[str, str] = ("wqkv", "wo")):
+        super().__init__()
+        if dim % n_head:
+            raise ValueError(f"model.dim {dim} not divisible by model.n_head {n_head}")
+        self.n_head, self.head_dim = n_head, dim // n_head
+        # Official key names differ per flavour (wqkv/wo vs qkv/proj); keep them so weights map 1:1.
+        self.qkv_name, self.out_name = names
+        setattr(self, names[0], nn.Linear(dim, 3 * dim, bias=bias))
+        setattr(self, names[1], nn.Linear(dim, dim, bias=bias))
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.attn_dropout = attn_dropout
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def project_qkv(self, x: torch.Tensor, rope: torch.Tensor | None):
+        """x [B, L, D] -> q, k, v [B, H, L, hd] (RoPE and QK-norm applied)."""
+        B, L, _ = x.shape
+        q, k, v = getattr(self, self.qkv_name)(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x, rope, mask, rows, cache: KVCache | None = None) -> torch.Tensor:
+        q, k, v = self.project_qkv(x, rope)
+        causal = True
+        if cache is not None:
+            k, v = cache.write(rows, k, v)
+            if mask is None:  # causal over absolute rows: a slot sees every key at a row <= its own
+                keys = torch.arange(k.shape[2], device=x.device)
+                mask = (keys[None, :] <= rows[:, None])[None, None]
+        p = self.attn_dropout if self.training else 0.0
+        return self.resid_dropout(getattr(self, self.out_name)(attend(q, k, v, mask, causal, p)))
+
+
+class CrossAttention(nn.Module):
+    """Queries read an externally computed K/V (ARPG: one shared K/V for every cross layer); only q and o here."""
+
+    def __init__(self, dim: int, n_head: int, resid_dropout: float = 0.0):
+        super().__init__()
+        self.n_head, self.head_dim = n_head, dim // n_head
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(self, x, rope, k, v, mask) -> torch.Tensor:
+        """x [B, Q, D]; k, v [B, H, Lk, hd]; mask bool [B|1,1,Q,Lk] or None (= all keys visible)."""
+        B, Q, _ = x.shape
+        q = self.wq(x).view(B, Q, self.n_head, self.head_dim)
+        q = apply_rope(q, rope).transpose(1, 2)
+        return self.resid_dropout(self.wo(attend(q, k, v, mask, causal=False)))

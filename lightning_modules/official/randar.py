@@ -1,0 +1,34 @@
+"""RandAR (ziqipang/RandAR @ d374a72) -> roar `randar`: LlamaGen keys plus ``pos_instruct_embeddings`` [1, d].
+
+Official sampling defaults: 88 steps of the cosine count schedule, CFG linear from 1.0 to the end scale over the
+count decoded before each step ("1.0,4.0" in sample_c2i.py), temperature 1, top-k 0, top-p 1.
+"""
+from __future__ import annotations
+
+from lightning_modules.official import llamagen_gpt
+
+FAMILY = "randar"
+VARIANT = "randar"
+SAMPLE_DEFAULTS = dict(schedule="randar_cosine", num_steps=88, cfg_schedule="linear", cfg_start=1.0,
+                       cfg_scale=4.0, temperature=1.0, top_k=0, top_p=1.0, mode="official")
+RENAMES = {**llamagen_gpt.RENAMES, "pos_instruct_embeddings": "pos_instruct"}
+
+
+def model_config(cfg: dict) -> dict:
+    return {**llamagen_gpt.model_config(cfg), "variant": VARIANT}
+
+
+def to_ours(sd: dict) -> dict:
+    return {RENAMES.get(k, k): v for k, v in sd.items()}
+
+
+def to_official(sd: dict) -> dict:
+    back = {v: k for k, v in RENAMES.items()}
+    return {back.get(k, k): v for k, v in sd.items()}
+
+
+def trace_settings(inputs: dict) -> dict:
+    """A decode-trace file's generate() arguments -> our sample settings."""
+    cfg = inputs["cfg"]
+    start, end = cfg["cfg_scales"]
+    return dict(SAMPLE_DEFAULTS, num_steps=inputs["num_steps"], cfg_start=float(start), cfg_scale=float(end))

@@ -1,0 +1,139 @@
+"""The one sampling loop. Every ordering supplies a decode plan and per-step inputs; nothing here knows a method.
+
+    plan  = module.decode_plan(batch, num_steps, schedule, generator, known)   # order [B,N] + tokens per step
+    state = DecodeState(...)                                                   # what is decoded / in the cache
+    per step t:  seq = module.decode_step(state, n_t)   ->  backbone(seq, cache) -> logits [B2, n_t, V]
+                 CFG mix (scale from the module's cfg count)  ->  draw  ->  known tokens kept  ->  advance
+CFG doubles the batch to [cond ; null] only when some step's scale differs from 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lightning_modules.schedules import cfg_scale
+
+
+@dataclass
+class DecodePlan:
+    order: torch.Tensor  # long [B, N]: raster position decoded i-th (known positions first)
+    counts: list[int]  # tokens decoded per step (unknown positions only); sum = N - num_known
+    num_known: int = 0  # order[:, :num_known] are given (editing); teacher-forced in the first step
+
+
+@dataclass
+class DecodeState:
+    """What the ordering needs to lay out a step. Indices are *order* indices (i-th decoded), not positions."""
+
+    order: torch.Tensor  # long [B2, N]
+    labels: torch.Tensor  # long [B2]: cond labels, then null labels when CFG is on
+    tokens: torch.Tensor  # long [B2, N]: token at order index i (-1 until known)
+    step: int = 0
+    fed: int = 0  # order indices [0, fed) are in the KV cache as inputs
+    done: int = 0  # order indices [0, done) are known or decoded
+    mode: str = "official"  # "official" (the released samplers' attention) or "consistent" (training context)
+    num_positions: int = 0
+    extra: dict = field(default_factory=dict)  # per-ordering bookkeeping (e.g. cache rows)
+
+    @property
+    def first(self) -> bool:
+        return self.step == 0
+
+
+@dataclass
+class SampleSettings:
+    num_steps: int
+    schedule: str
+    cfg_scale: float = 1.0
+    cfg_schedule: str = "constant"
+    cfg_power: float = 1.0
+    cfg_start: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    mode: str = "official"
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, n, V] -> tokens [B, n]: /max(T,1e-5), top-k, top-p (keep >= 1), softmax, multinomial."""
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # the first token is always kept
+        logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    probs = logits.softmax(-1).flatten(0, 1)  # [B*n, V]
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])
+
+
+Recorder = Callable[[dict], None]
+Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mixed logits [B,n,V], positions [B,n]) -> [B,n]
+
+
+@torch.no_grad()
+def generate(module, labels: torch.Tensor, settings: SampleSettings, generator: torch.Generator | None = None,
+             known: tuple[torch.Tensor, torch.Tensor] | None = None, draw: Draw | None = None,
+             recorder: Recorder | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Generate codes long [B, N] in raster order.
+
+    known: (mask bool [N], tokens long [B, N]) — positions given up front (inpainting, editing); kept exactly.
+    draw: replaces the random draw (parity traces force tokens); recorder: receives every step's tensors.
+    order: an explicit decode order [B, N] (known positions first), overriding the ordering's own draw.
+    """
+    backbone = module.backbone
+    B, N = labels.shape[0], backbone.num_positions
+    device = labels.device
+    plan = module.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order)
+    scales, before = [], plan.num_known
+    for n in plan.counts:
+        count = before + n if module.cfg_counts_current_step else before
+        scales.append(cfg_scale(settings.cfg_schedule, settings.cfg_scale, count, N, settings.cfg_power,
+                                settings.cfg_start))
+        before += n
+    use_cfg = any(s != 1.0 for s in scales)
+    reps = 2 if use_cfg else 1
+    null = torch.full_like(labels, backbone.num_classes)
+    state = DecodeState(order=plan.order.to(device).repeat(reps, 1),
+                        labels=torch.cat([labels, null]) if use_cfg else labels,
+                        tokens=torch.full((B * reps, N), -1, dtype=torch.long, device=device),
+                        mode=settings.mode, num_positions=N, done=plan.num_known)
+    known_grid = None
+    if known is not None:
+        mask, known_tokens = known
+        known_grid = (mask.to(device), known_tokens.to(device))
+        in_order = torch.gather(known_tokens.to(device), 1, plan.order[:, : plan.num_known].to(device))
+        state.tokens[:, : plan.num_known] = in_order.repeat(reps, 1)
+    cache = backbone.new_cache(B * reps, module.cache_length(N), device=device,
+                               dtype=next(backbone.parameters()).dtype)
+    for t, n in enumerate(plan.counts):
+        state.step = t
+        seq = module.decode_step(state, n)
+        logits = backbone(seq, cache)  # [B*reps, n, V]
+        positions = state.order[:B, state.done: state.done + n]  # [B, n]
+        if use_cfg:
+            cond, uncond = logits.chunk(2)
+            mixed = uncond + scales[t] * (cond - uncond)
+        else:
+            cond, uncond, mixed = logits, None, logits
+        if draw is not None:
+            new = draw(mixed, positions)
+        else:
+            new = sample_logits(mixed, settings.temperature, settings.top_k, settings.top_p, generator)
+        if known_grid is not None:  # orderings that cannot skip known positions (raster) still keep them exactly
+            mask, grid_tokens = known_grid
+            new = torch.where(mask[positions], torch.gather(grid_tokens, 1, positions), new)
+        if recorder is not None:
+            recorder(dict(step=t, positions=positions, logits_cond=cond, logits_uncond=uncond, logits_cfg=mixed,
+                          cfg_scale=scales[t], tokens=new))
+        state.tokens[:, state.done: state.done + n] = new.repeat(reps, 1)
+        state.fed = state.done
+        state.done += n
+    out = torch.empty(B, N, dtype=torch.long, device=device)
+    out.scatter_(1, state.order[:B], state.tokens[:B])  # back to raster order
+    return out

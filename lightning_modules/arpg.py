@@ -31,9 +31,10 @@ class ARPGModule(ARModule):
     def default_num_steps(self, num_positions):
         return max(1, num_positions // 4)  # the official 64 of 256
 
-    def train_inputs(self, codes, labels, step, generator):
+    def train_inputs(self, codes, labels, step, generator, order=None):
         B, N = codes.shape
-        order = random_orders(B, N, generator, codes.device)
+        if order is None:
+            order = random_orders(B, N, generator, codes.device)
         seq, x = next_token_inputs(codes, labels, order)  # the content stream is the next-token sequence
         seq.target = None
         seq.query_pos = order  # query j predicts s_j

@@ -2,7 +2,7 @@
 
 An ordering subclass implements four hooks and nothing else (docs/architecture.md):
   backbone_options()                    -> backbone features it needs (position tokens, cross layers, ...)
-  train_inputs(codes, labels, step, g)  -> (Seq, targets [B, M])        the training sequence
+  train_inputs(codes, labels, step, g, order=None) -> (Seq, targets [B, M])  the training sequence
   decode_plan(B, steps, schedule, g, known, order) -> DecodePlan        order per sample + tokens per step
   decode_step(state, n)                 -> Seq                          one cached forward of the sampler
 plus class attributes ``default_sample`` and ``cfg_counts_current_step``.
@@ -67,7 +67,8 @@ class ARModule(L.LightningModule):
     def backbone_options(self, dims: dict) -> dict:
         return {}
 
-    def train_inputs(self, codes, labels, step: int, generator) -> tuple[Seq, torch.Tensor]:
+    def train_inputs(self, codes, labels, step: int, generator, order=None) -> tuple[Seq, torch.Tensor]:
+        """order [B, N] (optional) fixes the decode order (tests, parity); otherwise the ordering draws it."""
         raise NotImplementedError
 
     def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None) -> DecodePlan:

@@ -53,10 +53,11 @@ class RandARModule(ARModule):
     def cache_length(self, num_positions):
         return 2 * num_positions + 1
 
-    def train_inputs(self, codes, labels, step, generator):
+    def train_inputs(self, codes, labels, step, generator, order=None):
         B, N = codes.shape
         dev = codes.device
-        order = random_orders(B, N, generator, dev)
+        if order is None:
+            order = random_orders(B, N, generator, dev)
         x = torch.gather(codes, 1, order)  # [B, N] targets in decode order
         head = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pair_kind = torch.tensor([SLOT_POSITION, SLOT_IMAGE], device=dev).repeat(N).expand(B, -1)

@@ -54,8 +54,10 @@ class RasterModule(ARModule):
     def train_order(self, batch: int, step: int, generator) -> torch.Tensor:
         return torch.arange(self.num_positions, device=self.device).expand(batch, -1)
 
-    def train_inputs(self, codes, labels, step, generator):
-        return next_token_inputs(codes, labels, self.train_order(codes.shape[0], step, generator))
+    def train_inputs(self, codes, labels, step, generator, order=None):
+        if order is None:
+            order = self.train_order(codes.shape[0], step, generator)
+        return next_token_inputs(codes, labels, order)
 
     def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None) -> DecodePlan:
         # Raster order always; known positions are kept by the sampling loop when their turn comes.

@@ -1,0 +1,133 @@
+"""Map a validated ExperimentConfig onto constructors: module, datamodule, callbacks, trainer.
+
+This is the only place that reads YAML-shaped config; lightning_modules/ takes plain arguments.
+"""
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from experiments.config import batch_layout, to_plain
+from lightning_modules.callbacks.ema import EMA
+from lightning_modules.callbacks.sample_grid import SampleGrid
+from lightning_modules.checkpointing import AtomicCheckpointIO
+from lightning_modules.variants import build_module
+
+
+def tokenizer_spec(cfg: DictConfig) -> dict:
+    """The tokenizer section as constructor kwargs for tokenizers.registry.build_tokenizer."""
+    t = cfg.tokenizer
+    kwargs = dict(to_plain(t.options))
+    if t.kind == "pixel":
+        kwargs["levels"] = t.levels
+    elif t.kind == "codes":
+        kwargs["vocab_size"] = t.vocab_size
+    else:
+        kwargs["path"] = t.path
+    return {"build": {"kind": t.kind, **kwargs}}
+
+
+def model_spec(cfg: DictConfig) -> dict:
+    m = to_plain(cfg.model)
+    options = m.pop(cfg.model.flavour)  # only the chosen flavour's options reach its constructor
+    for flavour in ("llama", "rar_vit"):
+        m.pop(flavour, None)
+    options["grad_checkpointing"] = m.pop("grad_checkpointing")
+    m["backbone"] = options
+    return m
+
+
+def sample_spec(cfg: DictConfig) -> dict:
+    """Sample settings with empty / zero meaning 'the ordering's default' dropped."""
+    s = to_plain(cfg.sample)
+    return {k: v for k, v in s.items() if v not in ("", 0) or k in ("cfg_scale", "top_k", "cfg_power")}
+
+
+def build_lightning_module(cfg: DictConfig, grid: tuple[int, int]):
+    model = model_spec(cfg)
+    model["grid"] = list(grid)
+    optim = to_plain(cfg.optim)
+    return build_module(model, tokenizer_spec(cfg), optim=optim, sample=sample_spec(cfg), seed=cfg.seed,
+                        max_steps=cfg.trainer.max_steps)
+
+
+def build_datamodule(cfg: DictConfig, micro_batch: int):
+    """-> (datamodule, code grid (h, w))."""
+    d = cfg.data
+    common = dict(batch_size=micro_batch, num_workers=d.num_workers, seed=cfg.seed,
+                  samples_per_epoch=d.samples_per_epoch or None, persistent_workers=d.num_workers > 0)
+    if d.kind == "codes":
+        from datamodules.codes import CodeShardDataModule
+
+        train = d.train_shards or os.path.join(d.code_dir, "codes-*.tar")
+        dm = CodeShardDataModule(train, d.val_shards or None, **common, expected_fingerprint=None)
+        return dm, dm.grid
+    from datamodules.images import ImageShardDataModule
+    from tokenizers.registry import build_tokenizer
+
+    if d.kind == "embedded":
+        from datamodules.embedded import embedded_shards, ensure_embedded
+
+        manifest = ensure_embedded(d.root, verbose=False)
+        train, val = embedded_shards(d.root, "train", manifest), embedded_shards(d.root, "val", manifest)
+    else:
+        train, val = d.train_shards, d.val_shards or None
+    dm = ImageShardDataModule(train, val, image_size=d.image_size, random_flip=d.random_flip,
+                              center_crop=d.center_crop, **common)
+    tok = build_tokenizer(**tokenizer_spec(cfg)["build"])
+    return dm, tok.grid(d.image_size, d.image_size)
+
+
+def strategy_for(cfg: DictConfig):
+    t = cfg.trainer
+    if t.strategy.startswith("deepspeed"):
+        from experiments.strategies import deepspeed_strategy
+
+        return deepspeed_strategy(cfg)
+    return t.strategy
+
+
+def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
+    c = cfg.callbacks
+    callbacks = [ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
+                                 auto_insert_metric_name=False, every_n_train_steps=cfg.trainer.ckpt_every_steps,
+                                 save_last=True, save_top_k=1, monitor=None)]
+    if c.ema_decay > 0 and not cfg.trainer.strategy.startswith("deepspeed_stage_3"):
+        callbacks.append(EMA(c.ema_decay))
+    if c.sample_every_steps:
+        classes = list(c.sample_classes) or list(range(cfg.model.num_classes))
+        callbacks.append(SampleGrid(c.sample_every_steps, classes, c.sample_per_class, c.sample_seed,
+                                    os.path.join(run_dir, "samples")))
+    from lightning_modules.callbacks.data_stats import DataStatsCallback
+
+    callbacks.append(DataStatsCallback())
+    if cfg.eval.fid_num_samples:
+        from experiments.fid_setup import fid_callback
+
+        callbacks.append(fid_callback(cfg, run_dir))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
+    t = cfg.trainer
+    _, _, accumulate = batch_layout(cfg)
+    strategy = strategy_for(cfg)
+    kwargs = dict(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=strategy, precision=t.precision, accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.optim.grad_clip or None, val_check_interval=t.val_every_steps * accumulate,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches or None,
+        log_every_n_steps=t.log_every_steps, callbacks=callbacks, deterministic=t.deterministic,
+        logger=TensorBoardLogger(run_dir, name="", version="tb", default_hp_metric=False),
+        fast_dev_run=t.fast_dev_run, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()] if not t.strategy.startswith("deepspeed") else None,
+        default_root_dir=run_dir, use_distributed_sampler=False,
+    )
+    if t.strategy.startswith("deepspeed"):
+        kwargs.pop("gradient_clip_val")  # DeepSpeed clips through its own config
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)

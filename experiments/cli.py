@@ -1,0 +1,29 @@
+"""Shared CLI plumbing: `-c PRESET.yaml` layers + `key.sub=value` overrides, one-line errors with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from experiments.config import ConfigError, load_config
+
+
+def config_parser(description: str, epilog: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", action="append", default=[], metavar="PRESET.yaml",
+                   help="YAML preset(s), merged in order over the typed defaults (experiments/config.py)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides, applied last")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def parse_config(args):
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        fail(f"config {err}")

@@ -1,0 +1,231 @@
+"""Typed experiment configuration: dataclass defaults, OmegaConf YAML presets merged on top, dotlist overrides.
+
+    cfg = load_config(["experiments/configs/demo/raster.yaml"], ["trainer.max_steps=200"])
+
+Unknown keys and wrong types fail in OmegaConf's structured merge; values are checked by ``validate``. Every
+problem becomes a ``ConfigError`` whose one-line message starts with the dotted key (CLIs exit 2 with it).
+Global batch size and global seed are the user's knobs; the per-device batch and accumulation are derived.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``str(err)`` is one line naming the key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class LlamaOptions:  # model.llama.*: options of the LlamaGen-style backbone
+    token_dropout: float = 0.1
+    resid_dropout: float = 0.1
+    ffn_dropout: float = 0.1
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+
+@dataclass
+class RarVitOptions:  # model.rar_vit.*: options of RAR's AdaLN ViT backbone
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "raster"  # raster | rar | randar | arpg  (the ordering: the only per-method code)
+    flavour: str = "llama"  # llama | rar_vit
+    size: str = "debug"  # debug | small | B | L | XL | XXL
+    dim: int = 0  # 0 = from size
+    n_layer: int = 0
+    n_head: int = 0
+    ffn_hidden: int = 0
+    num_classes: int = 10
+    class_dropout: float = 0.1  # label -> null class, for classifier-free guidance
+    grad_checkpointing: bool = False
+    rar_anneal_start: float = 0.5  # RAR: r = 1 until this fraction of training ...
+    rar_anneal_end: float = 0.75  # ... then linear to 0 here (paper: epochs 200 -> 300 of 400)
+    llama: LlamaOptions = field(default_factory=LlamaOptions)
+    rar_vit: RarVitOptions = field(default_factory=RarVitOptions)
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "pixel"  # pixel | codes | llamagen_vq | maskgit_vq | digits_vq
+    path: str = ""  # local weights file (never downloaded)
+    levels: int = 17  # pixel tokenizer
+    vocab_size: int = 0  # codes-only tokenizer
+    options: dict = field(default_factory=dict)  # extra constructor arguments (VQ preset, ...)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "embedded"  # embedded | images | codes
+    root: str = ".cache/digits"  # embedded: where the digits shards are written
+    train_shards: str = ""
+    val_shards: str = ""
+    image_size: int = 8
+    center_crop: str = "none"  # adm | none
+    random_flip: bool = False
+    num_workers: int = 0
+    samples_per_epoch: int = 0  # 0 = from the manifest
+    code_dir: str = ""  # codes: folder holding manifest.json
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    warmup_steps: float = 0.05  # < 1: fraction of max_steps
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    no_decay_names: list = field(default_factory=list)
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    global_batch_size: int = 64
+    micro_batch_size: int = 0  # 0 = global / world size (no accumulation)
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3 | deepspeed_stage_3_offload
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
+    val_every_steps: int = 250
+    limit_val_batches: int = 0  # 0 = the whole validation split
+    log_every_steps: int = 10
+    ckpt_every_steps: int = 250
+    compile: bool = False
+    deterministic: bool = False
+    fast_dev_run: bool = False
+
+
+@dataclass
+class SampleConfig:  # empty / 0 = the ordering's default
+    num_steps: int = 0
+    schedule: str = ""
+    cfg_scale: float = 1.0
+    cfg_schedule: str = ""
+    cfg_power: float = 1.0
+    cfg_start: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    mode: str = "official"  # official | consistent
+
+
+@dataclass
+class CallbacksConfig:
+    ema_decay: float = 0.0  # 0 = no EMA
+    sample_every_steps: int = 250  # 0 = off
+    sample_classes: list = field(default_factory=list)  # [] = every class
+    sample_per_class: int = 4
+    sample_seed: int = 0
+    order_map_every_steps: int = 0
+
+
+@dataclass
+class EvalConfig:
+    fid_every_steps: int = 0  # 0 = only at the end when fid_num_samples > 0
+    fid_num_samples: int = 0  # 0 = no FID
+    extractor: str = "digits"  # digits | inception
+    extractor_weights: str = ""
+    inception_weights: str = ""
+    reference: str = ""  # ADM .npz, or empty = computed from the val shards and cached
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = ""  # "" = derived from the config (deterministic)
+    seed: int = 0
+    out_dir: str = "runs"
+    resume: str = "auto"  # auto | never | path to a checkpoint
+    init_from: str = ""  # weights to start from (e.g. an imported official checkpoint), not a resume
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "not in" in msg or "Key" in msg and "not" in msg:
+        msg = f"unknown key ({source})"
+    elif "Value '" in msg or "could not be converted" in msg or "Invalid type" in msg:
+        msg = f"wrong type: {msg} ({source})"
+    return ConfigError(key, msg)
+
+
+def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictConfig:
+    """Defaults <- each YAML in order <- dotlist overrides; then ``validate``. Raises ConfigError."""
+    cfg = OmegaConf.structured(ExperimentConfig)
+    for path in yaml_files:
+        try:
+            layer = OmegaConf.load(path)
+        except FileNotFoundError:
+            raise ConfigError("-c", f"config file not found: {path}") from None
+        except Exception as err:  # YAML syntax
+            raise ConfigError("-c", f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, path) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key.sub=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _omegaconf_error(err, "command line") from None
+    from experiments.validate import validate
+
+    validate(cfg)
+    return cfg
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of everything that changes the result (not where it is written or whether it resumes)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("name", "out_dir", "resume"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    m = cfg.model
+    return f"{m.variant}-{m.flavour}-{m.size}-s{cfg.seed}-{config_hash(cfg)}"
+
+
+def batch_layout(cfg: DictConfig) -> tuple[int, int, int]:
+    """(world size, per-device micro batch, gradient accumulation) derived from the global batch."""
+    t = cfg.trainer
+    world = t.devices * t.num_nodes
+    per_device = t.global_batch_size // world
+    micro = t.micro_batch_size or per_device
+    accumulate = per_device // micro
+    assert micro * accumulate * world == t.global_batch_size, "validated in experiments.validate"
+    return world, micro, accumulate
+
+
+def to_plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -1,0 +1,115 @@
+"""Train a generator: one ordering (model.variant) over the shared backbone.
+
+    # the embedded default (digits, CPU):
+    python -m experiments.train -c experiments/configs/demo/raster.yaml
+    # any ordering is one key:
+    python -m experiments.train -c experiments/configs/demo/raster.yaml model.variant=randar
+    # one GPU, ImageNet codes:     python -m experiments.train -c experiments/configs/randar_L.yaml
+    # one node, 8 GPUs:            ... trainer.devices=8 trainer.strategy=ddp
+    # N nodes under SLURM:         sbatch --nodes=N experiments/slurm/train.sbatch -c ... (see README)
+
+Writes runs/<name>/{config.yaml, tb/ (TensorBoard), checkpoints/last.ckpt, samples/, metrics.json}.
+resume=auto (default) continues from runs/<name>/checkpoints/last.ckpt when it exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from omegaconf import OmegaConf
+
+from experiments.cli import config_parser, fail, parse_config
+from experiments.config import batch_layout, config_hash, run_name
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.backbone.parameters())
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg, quiet: bool = False) -> dict:
+    """Train per ``cfg``; returns the metrics dict written to runs/<name>/metrics.json."""
+    import lightning as L
+    import torch
+
+    from experiments.build import build_callbacks, build_datamodule, build_lightning_module, build_trainer
+    from lightning_modules.checkpointing import find_resume_checkpoint
+
+    name = run_name(cfg)
+    run_dir = os.path.join(cfg.out_dir, name)
+    os.makedirs(run_dir, exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    world, micro, accumulate = batch_layout(cfg)
+    dm, grid = build_datamodule(cfg, micro)
+    module = build_lightning_module(cfg, grid)
+    if cfg.init_from:
+        from experiments.checkpoints import load_weights_into
+
+        load_weights_into(module, cfg.init_from)
+    n_params = count_parameters(module)
+    if not quiet:
+        print(f"roar: {name}: {cfg.model.variant} on {cfg.model.flavour}/{cfg.model.size}, "
+              f"{n_params / 1e6:.3f}M parameters, global batch {cfg.trainer.global_batch_size} = "
+              f"{world} device(s) x {micro} x {accumulate} accumulation")
+    callbacks = build_callbacks(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, enable_progress_bar=not quiet)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams({"params": n_params, "variant": cfg.model.variant})
+    ckpt = find_resume_checkpoint(cfg.resume, run_dir)
+    start = time.time()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    stats = next((c for c in callbacks if hasattr(c, "final_skipped")), None)
+    fid = next((c for c in callbacks if hasattr(c, "last_results")), None)
+    result = {
+        "run": name, "variant": cfg.model.variant, "flavour": cfg.model.flavour, "size": cfg.model.size,
+        "seed": cfg.seed, "config_hash": config_hash(cfg), "git_sha": git_sha(), "params": n_params,
+        "steps": trainer.global_step, "tokens_seen": trainer.global_step * cfg.trainer.global_batch_size * module.num_positions,
+        "fit_seconds": round(time.time() - start, 2), "resumed_from": ckpt or "",
+        "train_loss": metrics.get("train/loss"), "val_nll_bits": metrics.get("val/nll"),
+        "data_skipped": getattr(stats, "final_skipped", None), "nonfinite_skipped": module.nonfinite_total,
+        "metrics": metrics, "run_dir": run_dir,
+    }
+    if fid is not None:
+        result.update(getattr(fid, "last_results", {}) or {})
+    if trainer.global_rank == 0:
+        write_json_atomic(os.path.join(run_dir, "metrics.json"), result)
+        if not quiet:
+            print(f"roar: {name}: val NLL {result['val_nll_bits']} bits/token after {result['steps']} steps")
+            print(f"roar: wrote {run_dir}/ (config.yaml, tb/ TensorBoard logs, checkpoints/last.ckpt, samples/, "
+                  f"metrics.json)")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = config_parser(__doc__.splitlines()[1], epilog=__doc__)
+    args = parser.parse_args(argv)
+    cfg = parse_config(args)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    try:
+        run(cfg)
+    except FileNotFoundError as err:
+        fail(str(err), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

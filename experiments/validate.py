@@ -1,0 +1,139 @@
+"""Value checks for a merged ExperimentConfig: each failure is a ConfigError naming the dotted key.
+
+Types and unknown keys are already enforced by OmegaConf's structured merge; this adds ranges, choices and
+impossible combinations (e.g. a global batch that does not divide over the world size).
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from experiments.config import ConfigError
+
+VARIANTS = ("raster", "rar", "randar", "arpg")
+FLAVOUR_VARIANTS = {"llama": VARIANTS, "rar_vit": ("raster", "rar")}
+SIZES = ("debug", "small", "B", "L", "XL", "XXL")
+DATA_KINDS = ("embedded", "images", "codes")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+STEP_SCHEDULES = ("", "one_per_step", "randar_cosine", "arccos", "cosine", "locality")
+CFG_SCHEDULES = ("", "constant", "linear", "pow_cosine")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _choice(value, choices, key: str) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {list(choices)}")
+
+
+def _unit(value: float, key: str, closed_top: bool = False) -> None:
+    top_ok = value <= 1 if closed_top else value < 1
+    _check(0 <= value and top_ok, key, f"{value} must be in [0, 1{']' if closed_top else ')'}")
+
+
+def validate(cfg: DictConfig) -> None:
+    from tokenizers.registry import TOKENIZERS
+
+    m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.sample, cfg.data
+    _choice(m.variant, VARIANTS, "model.variant")
+    _choice(m.flavour, FLAVOUR_VARIANTS, "model.flavour")
+    _check(m.variant in FLAVOUR_VARIANTS[m.flavour], "model.flavour",
+           f"the {m.flavour} flavour cannot run the {m.variant} ordering (supports {list(FLAVOUR_VARIANTS[m.flavour])})")
+    _choice(m.size, SIZES, "model.size")
+    for key in ("dim", "n_layer", "n_head", "ffn_hidden"):
+        _check(m[key] >= 0, f"model.{key}", f"{m[key]} must be >= 0 (0 = from model.size)")
+    if m.dim and m.n_head:
+        _check(m.dim % m.n_head == 0 and (m.dim // m.n_head) % 4 == 0, "model.dim",
+               f"{m.dim} must split into model.n_head={m.n_head} heads of a size divisible by 4")
+    _check(m.num_classes >= 1, "model.num_classes", f"{m.num_classes} must be >= 1")
+    _unit(m.class_dropout, "model.class_dropout")
+    for key in ("token_dropout", "resid_dropout", "ffn_dropout"):
+        _unit(m.llama[key], f"model.llama.{key}")
+    for key in ("dropout", "attn_dropout"):
+        _unit(m.rar_vit[key], f"model.rar_vit.{key}")
+    _check(m.llama.norm_eps > 0, "model.llama.norm_eps", f"{m.llama.norm_eps} must be > 0")
+    _check(m.llama.rope_base > 1, "model.llama.rope_base", f"{m.llama.rope_base} must be > 1")
+    _unit(m.rar_anneal_start, "model.rar_anneal_start", closed_top=True)
+    _unit(m.rar_anneal_end, "model.rar_anneal_end", closed_top=True)
+    _check(m.rar_anneal_start <= m.rar_anneal_end, "model.rar_anneal_end",
+           f"{m.rar_anneal_end} must be >= model.rar_anneal_start={m.rar_anneal_start}")
+
+    _choice(cfg.tokenizer.kind, TOKENIZERS, "tokenizer.kind")
+    _check(2 <= cfg.tokenizer.levels <= 256, "tokenizer.levels", f"{cfg.tokenizer.levels} must be in [2, 256]")
+    _check(cfg.tokenizer.vocab_size >= 0, "tokenizer.vocab_size", f"{cfg.tokenizer.vocab_size} must be >= 0")
+    if cfg.tokenizer.kind == "codes":
+        _check(cfg.tokenizer.vocab_size >= 2, "tokenizer.vocab_size", "tokenizer.kind=codes needs vocab_size >= 2")
+
+    _choice(d.kind, DATA_KINDS, "data.kind")
+    _check(d.image_size >= 1, "data.image_size", f"{d.image_size} must be >= 1")
+    _choice(d.center_crop, ("adm", "none"), "data.center_crop")
+    _check(d.num_workers >= 0, "data.num_workers", f"{d.num_workers} must be >= 0")
+    _check(d.samples_per_epoch >= 0, "data.samples_per_epoch", f"{d.samples_per_epoch} must be >= 0")
+    if d.kind == "images":
+        _check(bool(d.train_shards), "data.train_shards", "data.kind=images needs shard paths")
+    if d.kind == "codes":
+        _check(bool(d.code_dir or d.train_shards), "data.code_dir", "data.kind=codes needs the code-shard folder")
+
+    _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"{list(o.betas)} must be two numbers in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"{o.weight_decay} must be >= 0")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
+    _choice(o.schedule, ("cosine", "constant"), "optim.schedule")
+    _unit(o.min_lr_ratio, "optim.min_lr_ratio", closed_top=True)
+    _check(o.grad_clip >= 0, "optim.grad_clip", f"{o.grad_clip} must be >= 0 (0 = off)")
+    _check(o.max_nonfinite_in_a_row >= 1, "optim.max_nonfinite_in_a_row", f"{o.max_nonfinite_in_a_row} must be >= 1")
+
+    _check(t.max_steps >= 1, "trainer.max_steps", f"{t.max_steps} must be >= 1")
+    if o.warmup_steps >= 1:
+        _check(o.warmup_steps <= t.max_steps, "optim.warmup_steps",
+               f"{o.warmup_steps} steps exceed trainer.max_steps={t.max_steps}")
+    _check(t.global_batch_size >= 1, "trainer.global_batch_size", f"{t.global_batch_size} must be >= 1")
+    _check(t.devices >= 1, "trainer.devices", f"{t.devices} must be >= 1")
+    _check(t.num_nodes >= 1, "trainer.num_nodes", f"{t.num_nodes} must be >= 1")
+    world = t.devices * t.num_nodes
+    _check(t.global_batch_size % world == 0, "trainer.global_batch_size",
+           f"{t.global_batch_size} is not divisible by the world size {world} (devices x num_nodes)")
+    _check(t.micro_batch_size >= 0, "trainer.micro_batch_size", f"{t.micro_batch_size} must be >= 0")
+    if t.micro_batch_size:
+        per_device = t.global_batch_size // world
+        _check(per_device % t.micro_batch_size == 0, "trainer.micro_batch_size",
+               f"{t.micro_batch_size} does not divide the per-device batch {per_device}")
+    _choice(t.accelerator, ACCELERATORS, "trainer.accelerator")
+    _choice(t.strategy, STRATEGIES, "trainer.strategy")
+    _choice(t.precision, PRECISIONS, "trainer.precision")
+    for key in ("val_every_steps", "log_every_steps", "ckpt_every_steps"):
+        _check(t[key] >= 1, f"trainer.{key}", f"{t[key]} must be >= 1")
+    _check(t.limit_val_batches >= 0, "trainer.limit_val_batches", f"{t.limit_val_batches} must be >= 0")
+
+    _check(s.num_steps >= 0, "sample.num_steps", f"{s.num_steps} must be >= 0 (0 = the ordering's default)")
+    _choice(s.schedule, STEP_SCHEDULES, "sample.schedule")
+    _choice(s.cfg_schedule, CFG_SCHEDULES, "sample.cfg_schedule")
+    _check(s.cfg_scale >= 0, "sample.cfg_scale", f"{s.cfg_scale} must be >= 0")
+    _check(s.cfg_power >= 0, "sample.cfg_power", f"{s.cfg_power} must be >= 0")
+    _check(s.temperature > 0, "sample.temperature", f"{s.temperature} must be > 0")
+    _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
+    _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
+    _choice(s.mode, ("official", "consistent"), "sample.mode")
+
+    c = cfg.callbacks
+    _unit(c.ema_decay, "callbacks.ema_decay")
+    for key in ("sample_every_steps", "order_map_every_steps"):
+        _check(c[key] >= 0, f"callbacks.{key}", f"{c[key]} must be >= 0 (0 = off)")
+    _check(c.sample_per_class >= 1, "callbacks.sample_per_class", f"{c.sample_per_class} must be >= 1")
+    _check(all(0 <= k < m.num_classes for k in c.sample_classes), "callbacks.sample_classes",
+           f"{list(c.sample_classes)} must be class ids in [0, model.num_classes={m.num_classes})")
+
+    e = cfg.eval
+    _check(e.fid_every_steps >= 0, "eval.fid_every_steps", f"{e.fid_every_steps} must be >= 0")
+    _check(e.fid_num_samples >= 0, "eval.fid_num_samples", f"{e.fid_num_samples} must be >= 0")
+    _choice(e.extractor, ("digits", "inception"), "eval.extractor")
+    if e.fid_num_samples and e.extractor == "inception":
+        _check(bool(e.inception_weights), "eval.inception_weights",
+               "FID with the Inception extractor needs a local weights file (nothing is downloaded)")
+    _check(cfg.seed >= 0, "seed", f"{cfg.seed} must be >= 0")
+    _check(cfg.resume in ("auto", "never") or cfg.resume.endswith((".ckpt", ".pt")) or "/" in cfg.resume,
+           "resume", f"{cfg.resume!r} must be auto, never or a checkpoint path")

@@ -1,0 +1,39 @@
+"""Shared test fixtures: tiny modules for every ordering, with non-trivial weights."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+FIXTURES = os.path.join(SHARED, "fixtures", "parity")
+
+VALID = [("raster", "llama"), ("rar", "llama"), ("randar", "llama"), ("arpg", "llama"),
+         ("raster", "rar_vit"), ("rar", "rar_vit")]
+
+
+def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 11, num_classes: int = 5,
+                randomize: bool = True, **model_extra):
+    """A debug-size module (dim 64, 2 layers, 4 heads), dropout off, with every weight randomised so that
+    dependency tests can fail (the real init zeroes the head and the AdaLN gates)."""
+    from lightning_modules.variants import build_module
+
+    backbone = ({"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0} if flavour == "llama"
+                else {"dropout": 0.0, "attn_dropout": 0.0})
+    model = dict(variant=variant, flavour=flavour, size="debug", num_classes=num_classes, grid=list(grid),
+                 class_dropout=0.0, backbone=backbone, **model_extra)
+    m = build_module(model, {"build": {"kind": "codes", "vocab_size": vocab}}, optim={"lr": 1e-3}, max_steps=100)
+    if randomize:
+        g = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for p in m.backbone.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m.eval()
+
+
+@pytest.fixture
+def module_factory():
+    return make_module

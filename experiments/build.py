@@ -63,8 +63,13 @@ def build_datamodule(cfg: DictConfig, micro_batch: int):
     if d.kind == "codes":
         from datamodules.codes import CodeShardDataModule
 
+        from tokenizers.registry import build_tokenizer
+
         train = d.train_shards or os.path.join(d.code_dir, "codes-*.tar")
-        dm = CodeShardDataModule(train, d.val_shards or None, **common, expected_fingerprint=None)
+        tok = build_tokenizer(**tokenizer_spec(cfg)["build"])
+        # A codes-only tokenizer knows the real tokenizer only through `tokenizer.options.source`.
+        expected = tok.source or None if cfg.tokenizer.kind == "codes" else tok.fingerprint
+        dm = CodeShardDataModule(train, d.val_shards or None, **common, expected_fingerprint=expected)
         return dm, dm.grid
     from datamodules.images import ImageShardDataModule
     from tokenizers.registry import build_tokenizer
@@ -114,8 +119,12 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
 
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
     t = cfg.trainer
-    _, _, accumulate = batch_layout(cfg)
+    world, _, accumulate = batch_layout(cfg)
     strategy = strategy_for(cfg)
+    from experiments.strategies import BatchLayoutCheck  # asserts the derived layout once training starts
+
+    callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world,
+                                              quiet=overrides.get("enable_progress_bar") is False)]
     kwargs = dict(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy, precision=t.precision, accumulate_grad_batches=accumulate,

@@ -62,6 +62,7 @@ class ARModule(L.LightningModule):
         self.sample_defaults = {**self.default_sample, **{k: v for k, v in (sample or {}).items() if v is not None}}
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self.last_val_step = -1
 
     # ------------------------------------------------------------------ ordering hooks
     def backbone_options(self, dims: dict) -> dict:
@@ -154,6 +155,9 @@ class ARModule(L.LightningModule):
         loss = self.loss_on(codes, batch["label"], self.hparams.max_steps, g)
         self.log("val/nll", loss / math.log(2), prog_bar=True, sync_dist=True, batch_size=codes.shape[0])
         return loss
+
+    def on_validation_epoch_end(self):
+        self.last_val_step = self.global_step  # train.run validates once more when the last step had none
 
     def configure_optimizers(self):
         o = self.optim

@@ -46,17 +46,29 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
+def vgg16_features() -> nn.Sequential:
+    """torchvision's ``vgg16().features`` layer for layer (same indices / keys), without the 100M-param
+    classifier that building the full torchvision model would allocate."""
+    layers: list[nn.Module] = []
+    in_ch = 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=False)]
+            in_ch = v
+    return nn.Sequential(*layers[: VGG_TAPS[-1] + 1])
+
+
 class PerceptualLoss(nn.Module):
     """LPIPS-style distance on VGG16 features loaded from local files (frozen)."""
 
     def __init__(self, vgg_path: str, lin_path: str = ""):
         super().__init__()
-        import torchvision
-
         from lightning_modules.official.checkpoint_io import load_state_dict_file, strict_load
 
         sd = load_state_dict_file(vgg_path)  # FileNotFoundError names the file
-        features = torchvision.models.vgg16(weights=None).features[: VGG_TAPS[-1] + 1]
+        features = vgg16_features()
         feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
         strict_load(features, feats, f"perceptual VGG16 weights {vgg_path}")
         self.features = features
@@ -161,6 +173,12 @@ class VQTokenizerModule(L.LightningModule):
             total = total + self.hparams.disc_weight * logs["g_loss"]
         logs["loss"] = total
         return total, logs, rec, codes
+
+    def on_train_epoch_start(self):
+        # Lightning >= 2.5 keeps each submodule's train/eval mode as found; the VQ must train (losses, usage ring).
+        self.vq.train()
+        if self.disc is not None:
+            self.disc.train()
 
     @property
     def batches_seen(self) -> int:

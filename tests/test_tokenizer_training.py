@@ -1,0 +1,142 @@
+"""VQTokenizerModule: a short run lowers the reconstruction loss; disc/logging/PSNR paths; perceptual file
+handling; the digits training script writes a tokenizer a generator can load by path."""
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from experiments.train_tokenizer import digits_images
+from lightning_modules.tokenizer import (PerceptualLoss, VQTokenizerModule, code_stats, psnr_uint8,
+                                         vgg16_features)
+
+# 2 levels (f = 2) on the native 8x8 digits: a few ms per step, so the tests stay fast on a busy 2-core box.
+SMALL_VQ = {"codebook_size": 32, "encoder_ch_mult": [1, 1], "decoder_ch_mult": [1, 1]}
+SIZE = 8
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trainer(steps: int, **kw) -> L.Trainer:
+    base = dict(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    base.update(kw)
+    return L.Trainer(**base)
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    images, labels = digits_images("train", SIZE)
+    return images[:32], labels[:32]
+
+
+def rec_mse(module: VQTokenizerModule, images: torch.Tensor) -> float:
+    was_training = module.vq.training
+    module.vq.eval()
+    with torch.no_grad():
+        x = module.model_space(images)
+        mse = float(F.mse_loss(module.vq(x)[0], x))
+    module.vq.train(was_training)
+    return mse
+
+
+def test_short_training_decreases_reconstruction_loss(digits_small):
+    L.seed_everything(0, verbose=False)
+    images, labels = digits_small
+    module = VQTokenizerModule(preset="digits", vq=SMALL_VQ, lr=2e-3, weight_decay=0.0)
+    before = rec_mse(module, images)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True)
+    trainer(30).fit(module, loader)
+    after = rec_mse(module, images)
+    assert after < 0.5 * before, (before, after)
+    assert module.vq.codebook_usage() > 1 / 32  # the usage ring saw more than one code
+
+
+def test_disc_logging_psnr_and_reconstruct(digits_small, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(0, verbose=False)
+    images, labels = digits_small
+    module = VQTokenizerModule(preset="digits", vq=SMALL_VQ, lr=1e-3, disc_start=2, disc_layers=1, disc_ndf=32,
+                               rec_loss="l1")
+    loader = DataLoader(TensorDataset(images[:16], labels[:16]), batch_size=8)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
+    disc_before = [p.detach().clone() for p in module.disc.parameters()]
+    t = trainer(8, logger=logger, log_every_n_steps=1, limit_val_batches=1, val_check_interval=2)
+    t.fit(module, loader, DataLoader(TensorDataset(images[16:], labels[16:]), batch_size=8))
+    metrics = t.callback_metrics
+    assert module.batches_seen == 4 and t.global_step == 8  # 2 optimiser steps per batch
+    for key in ("train/rec_loss", "train/commit_loss", "train/d_loss", "train/g_loss", "train/perplexity",
+                "val/psnr", "val/rec_loss", "val/codebook_usage", "val/perplexity"):
+        assert key in metrics, key
+    assert float(metrics["train/d_loss"]) > 0  # the disc is trained once batches_seen >= disc_start
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.disc.parameters()))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    module.vq.train()
+    out = module.reconstruct(images[:4])  # eval-mode codec, training mode restored afterwards
+    assert out.dtype == torch.uint8 and out.shape == (4, 3, SIZE, SIZE) and module.vq.training
+    module.vq.eval()
+    assert torch.equal(out, module.vq.decode(module.vq.encode(images[:4])))
+
+
+def test_metric_helpers():
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    b = a.clone()
+    b[1] = 255
+    assert psnr_uint8(a, b).tolist() == [100.0, 0.0]
+    usage, ppl = code_stats(torch.tensor([0, 0, 1, 1]), vocab=8)
+    assert usage == 0.25 and abs(ppl - 2.0) < 1e-5
+
+
+def test_bad_options_and_missing_perceptual_file(tmp_path):
+    with pytest.raises(ValueError, match="rec_loss"):
+        VQTokenizerModule(rec_loss="l3")
+    with pytest.raises(ValueError, match="perceptual_path"):
+        VQTokenizerModule(perceptual_weight=1.0)
+    with pytest.raises(FileNotFoundError, match="no_vgg.safetensors"):
+        VQTokenizerModule(perceptual_weight=1.0, perceptual_path=str(tmp_path / "no_vgg.safetensors"))
+    with pytest.raises(ValueError, match="expected images"):
+        VQTokenizerModule.batch_images(torch.zeros(2, 4, 8, 8))
+
+
+def test_perceptual_loss_from_local_vgg_file(tmp_path):
+    from lightning_modules.official.checkpoint_io import save_state_dict_file
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "vgg16.safetensors")
+    save_state_dict_file(path, {f"features.{k}": v for k, v in vgg16_features().state_dict().items()})
+    loss = PerceptualLoss(path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    assert float(loss(x, x)) < 1e-6 < float(loss(x, y))
+    assert not any(p.requires_grad for p in loss.parameters())
+
+
+def test_train_tokenizer_script_writes_loadable_tokenizer(tmp_path):
+    from experiments.train_tokenizer import main
+    from tokenizers.registry import build_tokenizer
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "digits_vq")
+    metrics = main(["--out", out, "-c", os.path.join(repo, "experiments/configs/tokenizer/digits_vq.yaml"),
+                    "--max-steps", "2", "--batch-size", "16", "--set", "tokenizer.vq.codebook_size=64"])
+    for name in ("tokenizer.safetensors", "tokenizer.json", "reconstructions.png", "metrics.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["steps"] == 2 and saved["vocab_size"] == 64 and saved["grid"] == [8, 8]
+    assert 0 < saved["val_psnr"] < 100 and 0 < saved["val_codebook_usage"] <= 1
+    info = json.load(open(os.path.join(out, "tokenizer.json")))
+    tok = build_tokenizer(info["kind"], path=os.path.join(out, "tokenizer.safetensors"))
+    assert tok.fingerprint == info["fingerprint"] == metrics["fingerprint"] and tok.vocab_size == 64

@@ -1,0 +1,297 @@
+"""Pre-tokenize WebDataset image shards into code shards (LlamaGen ``extract_codes_c2i.py`` style).
+
+    python -m tokenizers.pretokenize --shards 'DIR/train-{000000..000003}.tar' --out OUTDIR \
+        --tokenizer-kind llamagen_vq --tokenizer-path vq.safetensors --image-size 256 [--ten-crop] [--batch-size 64]
+
+Input samples: ``__key__``, an image under ``png``/``jpg``/``jpeg`` (grey or RGB), ``cls`` (ASCII int).
+Output (read by the code-shard DataModule; keep EXACTLY):
+  OUTDIR/codes-%06d.tar (codes-r{rank}-%06d.tar when world_size > 1), samples with
+    ``__key__`` (input key), ``codes.npy`` (int16 if vocab <= 32767 else int32, [n_aug, h, w]), ``cls`` (ASCII int)
+    variants: adm_flip -> [ADM centre crop, its horizontal flip];
+              ten_crop -> torchvision TenCrop(S) of the ADM centre crop at int(S * crop_range)
+  OUTDIR/manifest.json = {num_samples, shards: {name: count}, tokenizer: {kind, fingerprint, config, vocab_size},
+                          grid: [h, w], crop_policy, num_variants, skipped, ...}
+Distributed: input shards are split round-robin by rank; each rank writes its shards and manifest.r{rank}.json;
+rank 0 waits (--merge-timeout) for all parts and merges them, or run ``--merge`` afterwards.
+Corrupt samples (undecodable image, bad cls, unreadable tar member) are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_KEYS = ("png", "jpg", "jpeg")
+
+
+def adm_center_crop(pil_image: Image.Image, size: int) -> Image.Image:
+    """guided-diffusion center_crop_arr: halve with BOX while the short side >= 2*size, BICUBIC-resize the
+    short side to ``size``, then take the central size x size crop (offsets rounded down)."""
+    while min(*pil_image.size) >= 2 * size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top:top + size, left:left + size])
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> uint8 [3, H, W]
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def image_variants(img: Image.Image, size: int, ten_crop: bool = False, crop_range: float = 1.1) -> torch.Tensor:
+    """uint8 [n_aug, 3, size, size]: adm_flip (2 variants) or ten_crop (10, torchvision TenCrop order)."""
+    img = img.convert("RGB")
+    if not ten_crop:
+        crop = adm_center_crop(img, size)
+        return torch.stack([to_tensor(crop), to_tensor(crop.transpose(Image.FLIP_LEFT_RIGHT))])
+    from torchvision.transforms.functional import ten_crop as tv_ten_crop
+
+    crop = adm_center_crop(img, int(size * crop_range))
+    return torch.stack([to_tensor(c) for c in tv_ten_crop(crop, size)])
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """'DIR/train-{000000..000003}.tar' (brace ranges), globs, or comma/space separated lists."""
+    import braceexpand
+
+    out: list[str] = []
+    for part in pattern.replace(",", " ").split() if "{" not in pattern else [pattern]:
+        for name in braceexpand.braceexpand(part):
+            out.extend(sorted(glob.glob(name)) if any(c in name for c in "*?[") else [name])
+    missing = [s for s in out if not os.path.isfile(s)]
+    if not out or missing:
+        raise FileNotFoundError(f"--shards {pattern!r}: missing shard files {missing[:5]}" if missing
+                                else f"--shards {pattern!r}: matched no files")
+    return out
+
+
+def env_rank_world() -> tuple[int, int]:
+    for r, w in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1
+
+
+class Skips:
+    """Counts skipped samples; used as the webdataset handler for tar-level errors too."""
+
+    def __init__(self):
+        self.count, self.examples = 0, []
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.add(f"{exn.__class__.__name__}: {str(exn)[:120]}")
+        return True  # keep going
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(why)
+
+
+def iter_samples(shards: list[str], skips: Skips):
+    """Yield (key, PIL image, label) from the shards in order; undecodable samples are counted in ``skips``."""
+    import webdataset as wds
+
+    for shard in shards:
+        ds = wds.WebDataset([shard], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                            handler=skips, empty_check=False)
+        for sample in ds:
+            key = sample.get("__key__", "?")
+            try:
+                raw = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                if raw is None:
+                    raise ValueError(f"no image under {IMAGE_KEYS}")
+                img = Image.open(io.BytesIO(raw))
+                img.load()
+                label = int(sample["cls"].decode("ascii").strip())
+            except Exception as exn:  # noqa: BLE001 - any broken sample is skipped, not fatal
+                skips.add(f"{shard}:{key}: {exn.__class__.__name__}: {str(exn)[:100]}")
+                continue
+            yield key, img, label
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def shard_pattern(rank: int, world: int) -> str:
+    return "codes-%06d.tar" if world == 1 else f"codes-r{rank}-%06d.tar"
+
+
+def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: int, ten_crop: bool = False,
+                crop_range: float = 1.1, batch_size: int = 32, rank: int = 0, world_size: int = 1,
+                maxcount: int = 10000, device: str = "cpu") -> dict:
+    """Encode this rank's share of ``shards``; returns (and writes) this rank's manifest part."""
+    import webdataset as wds
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--rank {rank} must be in [0, --world-size {world_size})")
+    os.makedirs(out, exist_ok=True)
+    mine = shards[rank::world_size]
+    tokenizer = tokenizer.to(device).eval()
+    grid = list(tokenizer.grid(image_size, image_size))
+    dtype = np.int16 if tokenizer.vocab_size <= 32767 else np.int32
+    pattern = shard_pattern(rank, world_size)
+    skips, counts, written = Skips(), {}, 0
+    writer = wds.ShardWriter(os.path.join(out, pattern), maxcount=maxcount, maxsize=float("inf"), verbose=0)
+
+    def flush(batch):
+        nonlocal written
+        images = torch.stack([v for _, v, _ in batch])  # [B, n_aug, 3, S, S]
+        b, n_aug = images.shape[:2]
+        codes = tokenizer.encode(images.flatten(0, 1).to(device)).view(b, n_aug, *grid).cpu().numpy()
+        for (key, _, label), c in zip(batch, codes):
+            writer.write({"__key__": key, "codes.npy": npy_bytes(c.astype(dtype)),
+                          "cls": str(label).encode("ascii")})
+            name = pattern % (written // maxcount)  # ShardWriter opens a new shard every ``maxcount`` samples
+            counts[name] = counts.get(name, 0) + 1
+            written += 1
+
+    batch = []
+    try:
+        for key, img, label in iter_samples(mine, skips):
+            try:
+                batch.append((key, image_variants(img, image_size, ten_crop, crop_range), label))
+            except Exception as exn:  # noqa: BLE001 - e.g. truncated image data discovered while cropping
+                skips.add(f"{key}: {exn.__class__.__name__}: {str(exn)[:100]}")
+                continue
+            if len(batch) >= batch_size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    finally:
+        writer.close()
+    part = {"num_samples": written, "shards": counts,
+            "tokenizer": {"kind": kind, "fingerprint": tokenizer.fingerprint, "config": tokenizer.config(),
+                          "vocab_size": tokenizer.vocab_size},
+            "grid": grid, "crop_policy": "ten_crop" if ten_crop else "adm_flip",
+            "num_variants": 10 if ten_crop else 2, "skipped": skips.count, "skipped_examples": skips.examples,
+            "image_size": image_size, "crop_range": crop_range if ten_crop else 1.0,
+            "codes_dtype": np.dtype(dtype).name, "input_shards": mine, "rank": rank, "world_size": world_size}
+    if world_size > 1:
+        write_json(os.path.join(out, f"manifest.r{rank}.json"), part)
+    return part
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # readers never see a half-written manifest
+
+
+SHARED_KEYS = ("tokenizer", "grid", "crop_policy", "num_variants", "image_size", "crop_range", "codes_dtype",
+               "world_size")
+
+
+def merge_parts(parts: list[dict]) -> dict:
+    """One manifest from per-rank parts; refuses parts made with another tokenizer or crop policy."""
+    if not parts:
+        raise ValueError("pretokenize --merge: no manifest.r*.json parts found")
+    first = parts[0]
+    for p in parts[1:]:
+        for k in SHARED_KEYS:
+            if p[k] != first[k]:
+                raise ValueError(f"pretokenize --merge: rank {p['rank']} has {k}={p[k]!r}, rank "
+                                 f"{first['rank']} has {first[k]!r}")
+    ranks = sorted(p["rank"] for p in parts)
+    if ranks != list(range(first["world_size"])):
+        raise ValueError(f"pretokenize --merge: have parts for ranks {ranks}, expected 0..{first['world_size'] - 1}")
+    merged = {k: first[k] for k in SHARED_KEYS}
+    merged["shards"] = {k: v for p in sorted(parts, key=lambda p: p["rank"]) for k, v in p["shards"].items()}
+    merged["num_samples"] = sum(p["num_samples"] for p in parts)
+    merged["skipped"] = sum(p["skipped"] for p in parts)
+    merged["skipped_examples"] = [e for p in parts for e in p["skipped_examples"]][:10]
+    merged["input_shards"] = [s for p in sorted(parts, key=lambda p: p["rank"]) for s in p["input_shards"]]
+    return merged
+
+
+def merge_dir(out: str, world_size: int | None = None, timeout: float = 0.0) -> dict | None:
+    """Merge OUTDIR/manifest.r*.json into manifest.json once all ``world_size`` parts exist (waits ``timeout`` s)."""
+    deadline = time.time() + timeout
+    while True:
+        paths = sorted(glob.glob(os.path.join(out, "manifest.r*.json")))
+        parts = [json.load(open(p)) for p in paths]
+        need = world_size or (parts[0]["world_size"] if parts else 1)
+        if len(parts) >= need or time.time() >= deadline:
+            break
+        time.sleep(2.0)
+    if len(parts) < need:
+        print(f"pretokenize: {len(parts)}/{need} manifest parts in {out}; run `python -m tokenizers.pretokenize "
+              f"--merge --out {out}` when all ranks are done", file=sys.stderr)
+        return None
+    merged = merge_parts(parts)
+    write_json(os.path.join(out, "manifest.json"), merged)
+    return merged
+
+
+def parse_option(item: str):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--tokenizer-option {item!r}: expected KEY=VALUE")
+    from omegaconf import OmegaConf
+
+    return key, OmegaConf.to_container(OmegaConf.create(f"v: {value}"))["v"]  # YAML typing (ints, lists)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description="Pre-tokenize WebDataset image shards into code shards.")
+    p.add_argument("--shards", help="input shards: brace pattern, glob or list")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer-kind", help="tokenizers.registry kind (llamagen_vq, maskgit_vq, pixel, ...)")
+    p.add_argument("--tokenizer-path", default="", help="local weights file of the tokenizer")
+    p.add_argument("--tokenizer-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra factory argument, e.g. preset=vq16 (repeatable)")
+    p.add_argument("--image-size", type=int, help="crop size S (codes grid = S / downsample)")
+    p.add_argument("--ten-crop", action="store_true", help="10 TenCrop variants instead of centre crop + flip")
+    p.add_argument("--crop-range", type=float, default=1.1, help="ten-crop: ADM crop at int(S * crop_range)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per encoder call")
+    p.add_argument("--maxcount", type=int, default=10000, help="samples per output shard")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.add_argument("--merge", action="store_true", help="only merge manifest.r*.json parts into manifest.json")
+    p.add_argument("--merge-timeout", type=float, default=600.0, help="rank 0: seconds to wait for other parts")
+    args = p.parse_args(argv)
+    if args.merge:
+        return merge_dir(args.out, args.world_size, timeout=0.0)
+    missing = [f"--{n}" for n in ("shards", "tokenizer-kind", "image-size")
+               if getattr(args, n.replace("-", "_")) is None]
+    if missing:
+        p.error(f"missing {', '.join(missing)}")
+    env_rank, env_world = env_rank_world()
+    rank = env_rank if args.rank is None else args.rank
+    world = env_world if args.world_size is None else args.world_size
+
+    from tokenizers.registry import build_tokenizer
+
+    options = dict(parse_option(o) for o in args.tokenizer_option)
+    if args.tokenizer_path:
+        options["path"] = args.tokenizer_path
+    tokenizer = build_tokenizer(args.tokenizer_kind, **options)
+    part = pretokenize(expand_shards(args.shards), args.out, tokenizer, args.tokenizer_kind, args.image_size,
+                       args.ten_crop, args.crop_range, args.batch_size, rank, world, args.maxcount, args.device)
+    print(f"pretokenize rank {rank}/{world}: {part['num_samples']} samples -> {len(part['shards'])} shards, "
+          f"{part['skipped']} skipped")
+    if world == 1:
+        merged = merge_parts([part])
+        write_json(os.path.join(args.out, "manifest.json"), merged)
+        return merged
+    return merge_dir(args.out, world, timeout=args.merge_timeout) if rank == 0 else part
+
+
+if __name__ == "__main__":
+    main()

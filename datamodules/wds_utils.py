@@ -338,26 +338,31 @@ class _EpochIterator:
 
     def __next__(self) -> dict:
         if self.it is None:
-            self.loader._begin_pass()
+            replay = self.loader._begin_pass()
             self.it = DataLoader.__iter__(self.loader)
+            for _ in range(replay):  # resumed mid-epoch: regenerate the batches already trained on, drop them
+                self.loader.tracker.update(next(self.it))
         batch = next(self.it)
         self.loader.tracker.update(batch)
+        self.loader._epochs.batches += 1
         return batch
 
 
 class _EpochPlan:
-    """The epoch of the next pass: the one given to set_epoch, else one more than the last."""
+    """The epoch of the next pass (set_epoch's, else the last + 1) and the current (epoch, batches handed out)."""
 
     def __init__(self):
-        self.next, self.pending = 0, None
+        self.next, self.pending, self.epoch, self.batches = 0, None, None, 0
+        self.resume: tuple[int, int] | None = None  # (epoch, batches) from load_state_dict
 
     def set(self, epoch: int) -> None:
         self.pending = int(epoch)
 
-    def take(self) -> int:
+    def take(self) -> tuple[int, int]:
         epoch = self.next if self.pending is None else self.pending
-        self.next, self.pending = epoch + 1, None
-        return epoch
+        replay = self.resume[1] if self.resume is not None and self.resume[0] == epoch else 0
+        self.next, self.pending, self.epoch, self.batches, self.resume = epoch + 1, None, epoch, replay, None
+        return epoch, replay
 
 
 class EpochLoader(DataLoader):
@@ -365,6 +370,7 @@ class EpochLoader(DataLoader):
 
     Lightning calls ``set_epoch`` on ``loader.sampler`` at each epoch start, so the default sampler forwards it
     here; without Lightning each new pass takes the next epoch number. Workers read it when their pass starts.
+    Resumable through Lightning's stateful-loader protocol (``state_dict`` is saved in every checkpoint).
     """
 
     def __init__(self, stream: ShardStream, num_workers: int, persistent_workers: bool = True, **kw):
@@ -380,9 +386,29 @@ class EpochLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         self._epochs.set(epoch)
 
-    def _begin_pass(self) -> None:
-        self.dataset.epoch.set_value(self._epochs.take())
+    def _begin_pass(self) -> int:
+        epoch, replay = self._epochs.take()
+        self.dataset.epoch.set_value(epoch)
         self.tracker.new_pass()
+        return replay
 
     def __iter__(self) -> _EpochIterator:
         return _EpochIterator(self)
+
+    def state_dict(self) -> dict:
+        """Position in the current pass; a resumed loader regenerates the batches before it and drops them."""
+        p, s = self._epochs, self.dataset
+        upcoming = (p.next if p.pending is None else p.pending, 0)  # before the first pass
+        epoch, batches = (p.epoch, p.batches) if p.epoch is not None else p.resume or upcoming
+        if batches and (s.resampled or s.counts is not None) and batches >= len(self):
+            epoch, batches = epoch + 1, 0  # the pass is complete: resume at the start of the next epoch
+        # no rank in the layout: rank 0's checkpoint serves every rank, and all ranks stand at the same batch
+        return {"epoch": epoch, "batches": batches, "layout": [len(s.urls), s.batch_size, s.num_workers, s.seed,
+                                                               s.world]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["layout"] == self.state_dict()["layout"]:  # else another stream: replaying it would be wrong
+            self._epochs.resume = (int(state["epoch"]), int(state["batches"]))
+            self._epochs.next = int(state["epoch"])  # without Lightning's set_epoch, the next pass is that one
+        else:
+            log.warning("data: not resuming mid-epoch: the loader layout changed since the checkpoint")

@@ -106,10 +106,14 @@ def main(argv=None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    from lightning_modules.base import NonFiniteLossError
+    from lightning_modules.checkpointing import CheckpointError
+    from tokenizers.base import TokenizerMismatchError
+
     try:
         run(cfg)
-    except FileNotFoundError as err:
-        fail(str(err), 1)
+    except (FileNotFoundError, TokenizerMismatchError, CheckpointError, NonFiniteLossError) as err:
+        fail(str(err), 1)  # expected failures: one line naming the cause, no traceback
     return 0
 
 

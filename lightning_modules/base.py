@@ -19,10 +19,15 @@ import torch.nn.functional as F
 from lightning_modules.backbones import build_backbone, resolve_size
 from lightning_modules.sampling import DecodePlan, DecodeState, SampleSettings, generate
 from lightning_modules.nn.sequence import Seq
-from tokenizers.base import check_fingerprint
+from lightning_modules.resumable import STEP_RNG_SALT, step_rng
+from tokenizers.base import TokenizerMismatchError
 from tokenizers.registry import build_tokenizer
 
 NONFINITE_LIMIT_DEFAULT = 5
+
+
+class NonFiniteLossError(RuntimeError):
+    """optim.max_nonfinite_in_a_row non-finite losses in a row; the one-line message names the count and key."""
 
 
 def derive_seed(*parts: int) -> int:
@@ -63,6 +68,7 @@ class ARModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.last_val_step = -1
+        self._compiled = None  # [torch.compile(backbone)] when optim["compile"]; a list keeps it out of state_dict
 
     # ------------------------------------------------------------------ ordering hooks
     def backbone_options(self, dims: dict) -> dict:
@@ -111,9 +117,17 @@ class ARModule(L.LightningModule):
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
         return torch.where(drop, torch.full_like(labels, self.backbone.num_classes), labels)
 
+    def configure_model(self) -> None:
+        """trainer.compile (optim["compile"], set by experiments/build.py): compile the backbone for the training
+        forward only. Sampling and validation stay eager: decode steps change shape every step, and compiling
+        them would recompile instead of helping. nn.Module is wrapped, not replaced, so state_dict keys stay."""
+        if self.optim.get("compile") and self._compiled is None:
+            self._compiled = [torch.compile(self.backbone)]
+
     def loss_on(self, codes, labels, step: int, generator) -> torch.Tensor:
         seq, targets = self.train_inputs(codes, labels, step, generator)
-        logits = self.backbone(seq)  # [B, M, V]
+        forward = self._compiled[0] if self._compiled is not None and self.training else self.backbone
+        logits = forward(seq)  # [B, M, V]
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     # ------------------------------------------------------------------ training
@@ -121,13 +135,17 @@ class ARModule(L.LightningModule):
         step = self.global_step
         g = self.generator(step)
         codes = self.codes_from_batch(batch)
-        loss = self.loss_on(codes, self.drop_classes(batch["label"], g), step, g)
+        # dropout from a generator seeded by (step, micro-batch): a resumed run draws the masks an uninterrupted
+        # one would (Lightning does not checkpoint the global RNG; lightning_modules/resumable.py)
+        with step_rng(derive_seed(self.hparams.seed, self.global_rank, step, batch_idx, STEP_RNG_SALT), self.device):
+            loss = self.loss_on(codes, self.drop_classes(batch["label"], g), step, g)
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:  # every rank must skip together, or DDP hangs
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item() < 1:
             return self.skip_nonfinite(step)
         self.nonfinite_streak = 0
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total))  # every step: a running total in TB
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
@@ -138,8 +156,9 @@ class ARModule(L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))
         limit = self.optim.get("max_nonfinite_in_a_row", NONFINITE_LIMIT_DEFAULT)
         if self.nonfinite_streak >= limit:
-            raise RuntimeError(f"train: {self.nonfinite_streak} non-finite losses in a row (last at step {step}); "
-                               f"stopping — lower optim.lr or check the data")
+            raise NonFiniteLossError(f"train: {self.nonfinite_streak} non-finite losses in a row (last at step "
+                                     f"{step}) reached optim.max_nonfinite_in_a_row={limit}; stopping: lower optim.lr "
+                                     f"or check the data")
         return None  # Lightning skips backward and the optimizer step
 
     def on_before_optimizer_step(self, optimizer):
@@ -219,13 +238,16 @@ class ARModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["roar"] = {"tokenizer_fingerprint": self.tokenizer_fingerprint,
                               "vocab_size": self.backbone.vocab_size, "variant": type(self).__name__,
-                              "nonfinite_total": self.nonfinite_total}
+                              "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning calls this before loading the weights: a mismatch is named here, not as a shape error later
         meta = checkpoint.get("roar", {})
-        if "tokenizer_fingerprint" in meta:
-            check_fingerprint(self.tokenizer_fingerprint, meta["tokenizer_fingerprint"], "checkpoint")
-        if meta.get("vocab_size", self.backbone.vocab_size) != self.backbone.vocab_size:
-            raise ValueError(f"checkpoint: vocabulary {meta['vocab_size']} does not match the configured tokenizer's "
-                             f"{self.backbone.vocab_size}")
+        fingerprint = meta.get("tokenizer_fingerprint", self.tokenizer_fingerprint)
+        vocab = meta.get("vocab_size", self.backbone.vocab_size)
+        if fingerprint != self.tokenizer_fingerprint or vocab != self.backbone.vocab_size:
+            raise TokenizerMismatchError(
+                f"checkpoint: made with tokenizer fingerprint {fingerprint} (vocabulary {vocab}); the configured "
+                f"tokenizer is {self.tokenizer_fingerprint} (vocabulary {self.backbone.vocab_size})")
         self.nonfinite_total = meta.get("nonfinite_total", 0)
+        self.nonfinite_streak = meta.get("nonfinite_streak", 0)

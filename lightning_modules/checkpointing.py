@@ -1,14 +1,20 @@
 """Checkpoint IO that never leaves a half-written file, and loads with weights_only=True.
 
 A kill during a save leaves the previous ``last.ckpt`` intact: we write ``<path>.tmp-<pid>``, fsync it, then
-``os.replace`` it over the target (atomic on POSIX file systems).
+``os.replace`` it over the target (atomic on POSIX file systems). A killed save leaves its ``*.tmp-<pid>`` behind;
+nothing reads those (resume=auto takes ``last.ckpt`` only), and they may be deleted by hand.
 """
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely; the message is one line naming the file."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -21,11 +27,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:  # the rename itself survives a power cut only once the folder is synced (a kill needs no sync)
+            fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # some network file systems refuse fsync on a folder; the rename is still atomic
+            pass
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         if not os.path.isfile(str(path)):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
+        try:  # weights_only=True whatever the caller asks: a checkpoint never runs code when it is read
+            return torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"checkpoint {path}: refused by weights_only=True loading "
+                                  f"({str(err).splitlines()[0][:200]})") from None
+        except (RuntimeError, EOFError) as err:  # truncated or not a torch file (a kill cannot cause this here)
+            raise CheckpointError(f"checkpoint {path}: unreadable ({str(err).splitlines()[0][:200]})") from None
 
 
 def find_resume_checkpoint(resume: str, run_dir: str) -> str | None:

@@ -31,7 +31,10 @@ class EMA(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step <= self.updates:  # accumulation or a skipped (non-finite) step: no new weights
+        # accumulation (no optimizer step yet) or a skipped non-finite step (training_step returned None):
+        # the weights did not change, so neither does the average
+        if trainer.global_step <= self.updates or outputs is None:
+            self.updates = max(self.updates, trainer.global_step)
             return
         self.updates = trainer.global_step
         for n, p in self._params(pl_module).items():

@@ -51,6 +51,8 @@ def build_lightning_module(cfg: DictConfig, grid: tuple[int, int]):
     model = model_spec(cfg)
     model["grid"] = list(grid)
     optim = to_plain(cfg.optim)
+    if cfg.trainer.compile:  # ARModule.configure_model compiles the backbone's training forward
+        optim["compile"] = True
     return build_module(model, tokenizer_spec(cfg), optim=optim, sample=sample_spec(cfg), seed=cfg.seed,
                         max_steps=cfg.trainer.max_steps)
 
@@ -107,6 +109,11 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
         classes = list(c.sample_classes) or list(range(cfg.model.num_classes))
         callbacks.append(SampleGrid(c.sample_every_steps, classes, c.sample_per_class, c.sample_seed,
                                     os.path.join(run_dir, "samples")))
+    if c.order_map_every_steps:  # decode-order map + reveal animation (first 4 sample classes, fixed seed)
+        from lightning_modules.callbacks.order_map import OrderMap
+
+        classes = list(c.sample_classes) or list(range(cfg.model.num_classes))
+        callbacks.append(OrderMap(c.order_map_every_steps, classes[:4], c.sample_seed, os.path.join(run_dir, "order")))
     from lightning_modules.callbacks.data_stats import DataStatsCallback
 
     callbacks.append(DataStatsCallback())
@@ -121,10 +128,16 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
     t = cfg.trainer
     world, _, accumulate = batch_layout(cfg)
     strategy = strategy_for(cfg)
-    from experiments.strategies import BatchLayoutCheck  # asserts the derived layout once training starts
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world,
+    from experiments.strategies import BatchLayoutCheck, SlurmRequeue
+
+    callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world,  # asserts the derived layout at start
                                               quiet=overrides.get("enable_progress_bar") is False)]
+    plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # SIGUSR1 requeue by our callback, not Lightning's handler (strategies.py: why)
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(SlurmRequeue(os.path.join(run_dir, "checkpoints", "last.ckpt")))
     kwargs = dict(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy, precision=t.precision, accumulate_grad_batches=accumulate,
@@ -133,7 +146,7 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
         log_every_n_steps=t.log_every_steps, callbacks=callbacks, deterministic=t.deterministic,
         logger=TensorBoardLogger(run_dir, name="", version="tb", default_hp_metric=False),
         fast_dev_run=t.fast_dev_run, enable_model_summary=False, num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()] if not t.strategy.startswith("deepspeed") else None,
+        plugins=plugins or None,
         default_root_dir=run_dir, use_distributed_sampler=False,
     )
     if t.strategy.startswith("deepspeed"):

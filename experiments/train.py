@@ -74,9 +74,11 @@ def run(cfg, quiet: bool = False) -> dict:
     ckpt = find_resume_checkpoint(cfg.resume, run_dir)
     start = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run:
-        trainer.validate(module, datamodule=dm, verbose=False)  # metrics.json always holds the final val NLL
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run:
+        # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
+        trainer.validate(module, datamodule=dm, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     stats = next((c for c in callbacks if hasattr(c, "final_skipped")), None)
     fid = next((c for c in callbacks if hasattr(c, "last_results")), None)
     result = {

@@ -17,6 +17,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 STEP_SCHEDULES = ("", "one_per_step", "randar_cosine", "arccos", "cosine", "locality")
+ANY_ORDER_VARIANTS = ("randar", "arpg")  # orderings whose decode_plan routes sample.schedule=locality
 CFG_SCHEDULES = ("", "constant", "linear", "pow_cosine")
 
 
@@ -111,6 +112,8 @@ def validate(cfg: DictConfig) -> None:
 
     _check(s.num_steps >= 0, "sample.num_steps", f"{s.num_steps} must be >= 0 (0 = the ordering's default)")
     _choice(s.schedule, STEP_SCHEDULES, "sample.schedule")
+    _check(s.schedule != "locality" or m.variant in ANY_ORDER_VARIANTS, "sample.schedule",
+           f"locality needs an ordering that decodes in any order {list(ANY_ORDER_VARIANTS)}, not {m.variant}")
     _choice(s.cfg_schedule, CFG_SCHEDULES, "sample.cfg_schedule")
     _check(s.cfg_scale >= 0, "sample.cfg_scale", f"{s.cfg_scale} must be >= 0")
     _check(s.cfg_power >= 0, "sample.cfg_power", f"{s.cfg_power} must be >= 0")

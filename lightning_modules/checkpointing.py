@@ -54,7 +54,7 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> str | None:
         return None
     if resume == "auto":
         last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        return last if os.path.isfile(last) else None
+        return last if os.path.exists(last) else None  # a directory under DeepSpeed
     if not os.path.exists(resume):
         raise FileNotFoundError(f"resume: checkpoint not found: {resume}")
     return resume

@@ -14,6 +14,15 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
                         "shared", "fixtures", "parity")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fixture(name: str) -> dict:
     path = os.path.join(FIXTURES, f"{name}.pt")
     if not os.path.isfile(path):
@@ -73,7 +82,9 @@ def test_llamagen_vq_parity(size):
         assert (decoded - out["decoded_from_codes"]).abs().max() <= 1e-4
         if "reconstruction" in out:
             assert (tok(tok.to_model_space(pixels))[0] - out["reconstruction"]).abs().max() <= 1e-4
-        assert torch.equal(tok.decode(codes), LlamaGenVQ.to_pixels(out["decoded_from_codes"]))
+        # uint8 path: the truncating cast may flip one level where a value sits on an integer boundary
+        pixels_out = tok.decode(codes).int() - LlamaGenVQ.to_pixels(out["decoded_from_codes"]).int()
+        assert pixels_out.abs().max() <= 1
 
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
@@ -91,7 +102,7 @@ def test_maskgit_vq_parity(size):
         if "decoded_unclamped" in out:
             raw = tok.decoder(tok.quantize.lookup(codes))
             assert (raw - out["decoded_unclamped"]).abs().max() <= 1e-4
-        assert torch.equal(tok.decode(codes), MaskGITVQ.to_pixels(out["decoded"]))
+        assert (tok.decode(codes).int() - MaskGITVQ.to_pixels(out["decoded"]).int()).abs().max() <= 1
 
 
 def test_maskgit_nin_shortcut_quirk_drops_the_input():

@@ -20,6 +20,7 @@ from experiments.config import load_config
 
 DEMO_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo", "raster.yaml")
 VARIANTS = ("raster", "rar", "randar", "arpg")
+DEMO_SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sweeps", "demo.yaml")
 
 
 def arm_config(variant: str, steps: int, out: str, extra: list[str] = ()):
@@ -75,9 +76,35 @@ def main(argv=None) -> int:
     print("\n" + table + "\n")
     for row in rows:
         print(f"demo: {row['variant']}: samples {row['grid']}, run {a.out}/{row['variant']}/ (TensorBoard: tb/)")
+    zero_shot_and_ablation(a)
     print(f"demo: done in {time.time() - t0:.0f} s; table in {a.out}/table.md; "
           f"view the curves with: .venv/bin/tensorboard --logdir {a.out}")
     return 0
+
+
+def zero_shot_and_ablation(a) -> None:
+    """The ablation sweep over the arms just trained (collected, not retrained: same config hashes), then an
+    inpainting example and a decode-order map from an any-order arm (RandAR when it is in --variants)."""
+    from experiments.ablate import run_sweep
+    from experiments.checkpoints import load_generator
+    from experiments.edit import dataset_image, run_edit
+    from lightning_modules.callbacks.order_map import write_order_pictures
+    from lightning_modules.editing import region_mask
+
+    variants = a.variants.split(",")
+    out = run_sweep(DEMO_SWEEP, overrides=[f"out_dir={a.out}", f"axes.variants=[{a.variants}]"],
+                    extra=[f"trainer.max_steps={a.steps}"], log=lambda msg: print(msg, flush=True))
+    print(f"demo: ablation table {out['markdown']} (CSV {out['csv']}), plots {out['plots_dir']}/, "
+          f"TensorBoard {out['tb_dir']}")
+    variant = next((v for v in ("randar", "arpg") if v in variants), variants[0])
+    module = load_generator(os.path.join(a.out, variant, "checkpoints", "last.ckpt")).eval()
+    image, label = dataset_image(0)
+    edit = run_edit(module, "inpaint", image, label, region_mask("center", module.grid),
+                    os.path.join(a.out, "inpaint", variant))
+    print(f"demo: inpainting ({variant}, val digit 0, centre regenerated): {edit['side_by_side']} "
+          f"(input | kept tokens | result)")
+    pictures = write_order_pictures(module, torch.arange(4), 0, os.path.join(a.out, "order", f"{variant}_"))
+    print(f"demo: decode order ({variant}): map {pictures['map_png']}, animation {pictures['gif']}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import ARModule
+from lightning_modules.locality import LOCALITY, locality_plan
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq
 from lightning_modules.randar import known_first, random_orders
 from lightning_modules.raster import next_token_inputs
@@ -42,6 +43,8 @@ class ARPGModule(ARModule):
         return seq, x
 
     def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None):
+        if schedule == LOCALITY:  # default counts + one locality-aware order for the batch (locality.py)
+            return locality_plan(self, batch, num_steps, generator, known, order, per_sample=False)
         if order is None:
             order = random_orders(batch, self.num_positions, generator, self.device, per_sample=False)
         order, k = known_first(order, known)

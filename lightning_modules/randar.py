@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import ARModule
+from lightning_modules.locality import LOCALITY, locality_plan
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, causal_row_mask
 from lightning_modules.sampling import DecodePlan
 from lightning_modules.schedules import step_counts
@@ -69,6 +70,8 @@ class RandARModule(ARModule):
         return seq, x
 
     def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None):
+        if schedule == LOCALITY:  # default counts + the locality-aware order (lightning_modules/locality.py)
+            return locality_plan(self, batch, num_steps, generator, known, order, self.per_sample_orders)
         if order is None:
             order = random_orders(batch, self.num_positions, generator, self.device, self.per_sample_orders)
         order, k = known_first(order, known)

@@ -1,0 +1,128 @@
+"""Ablation sweeps: arms expand as documented with equal compute, the first run trains and writes tables / plots /
+TensorBoard images, and a second run collects the finished runs into the same table without training."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from conftest import REPO
+from experiments import ablate, train
+from experiments.config import ConfigError
+
+TINY = os.path.join(REPO, "experiments", "configs", "sweeps", "tiny.yaml")
+DEMO = os.path.join(REPO, "experiments", "configs", "sweeps", "demo.yaml")
+# the fastest sweep that still has two orderings, two decode settings and a skipped one (raster at 8 steps)
+FAST = ["trainer.max_steps=2", "trainer.val_every_steps=1", "model.size=debug"]
+
+
+def sweep_overrides(tmp, extractor):
+    return [f"out_dir={tmp}/sweep", f"eval.extractor_weights={extractor}", "eval.fid_samples=10", "eval.batch_size=10",
+            "axes.cfg_scales=[1.0]"]
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory):
+    from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
+
+    path = str(tmp_path_factory.mktemp("ext") / "digits.safetensors")
+    model, info = train_digits_extractor(seed=0, epochs=2)
+    save_digits_extractor(model, path, info)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, extractor):
+    tmp = str(tmp_path_factory.mktemp("abl"))
+    extra = FAST + [f"data.root={tmp}/digits"]
+    out = ablate.run_sweep(TINY, overrides=sweep_overrides(tmp, extractor), extra=extra, log=lambda m: None)
+    return tmp, extra, out
+
+
+def test_sweep_arms_expand_with_equal_compute():
+    sweep = ablate.load_sweep(DEMO, ["out_dir=/nowhere"])
+    arms = ablate.training_arms(sweep)
+    assert [a.name for a in arms] == ["raster", "rar", "randar", "arpg"]
+    assert {(a.cfg.trainer.global_batch_size, a.cfg.trainer.max_steps) for a in arms} == {(64, 600)}
+    assert all(a.run_dir == os.path.join("/nowhere", a.name) for a in arms)
+    # the demo's own arms have the same config hash, so the sweep collects them instead of retraining
+    from experiments.config import config_hash
+    from experiments.demo import arm_config
+
+    assert config_hash(arm_config("randar", 600, "/elsewhere")) == config_hash(arms[2].cfg)
+    seeds = ablate.training_arms(ablate.load_sweep(TINY, ["axes.seeds=[0,1]", "axes.sizes=[debug,small]"]))
+    assert len(seeds) == 2 * 2 * 2 and len({a.name for a in seeds}) == 8
+
+
+def test_sweep_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="axes"):
+        ablate.load_sweep(TINY, ["axes.colours=[1]"])
+    with pytest.raises(ConfigError, match="run_name"):
+        ablate.training_arms(ablate.load_sweep(TINY, ["run_name=same", "axes.variants=[raster,rar]"]))
+    with pytest.raises(ConfigError, match="eval.sample"):
+        ablate.sample_extras(["sample.colour=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("axes: {variants: [raster]}\n")
+    with pytest.raises(ConfigError, match="base"):
+        ablate.load_sweep(str(bad))
+
+
+def test_first_run_trains_and_writes_tables_plots_and_tensorboard(first_run):
+    tmp, _, out = first_run
+    rows = out["rows"]
+    # raster runs only N = 64 steps (8 is skipped); randar runs its default (22) and 8
+    assert sorted((r["variant"], r["decode_steps"]) for r in rows) == [("randar", 8), ("randar", 22), ("raster", 64)]
+    assert {r["tokens_seen"] for r in rows} == {2 * 16 * 64}  # steps x global batch x tokens per image
+    assert all(r["fid"] is not None and r["fid"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert "tokens seen" in out["table"] and "| 2048 |" in out["table"]
+    for path in ("markdown", "csv", "json"):
+        assert os.path.isfile(out[path])
+    assert len(open(out["csv"]).read().splitlines()) == 1 + len(rows)
+    assert sorted(os.listdir(out["plots_dir"])) == ["fid.png", "speed.png", "val_nll.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(out["tb_dir"], size_guidance={"images": 0})
+    acc.Reload()
+    assert {"ablation/val_nll", "ablation/fid_vs_steps", "ablation/speed_vs_steps"} <= set(acc.Tags()["images"])
+
+
+def test_second_run_collects_without_training(first_run, extractor, monkeypatch):
+    tmp, extra, out = first_run
+    ckpts = sorted(glob.glob(os.path.join(tmp, "sweep", "*", "checkpoints", "*.ckpt")))
+    mtimes = {p: os.path.getmtime(p) for p in ckpts}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished arm was retrained")
+
+    monkeypatch.setattr(train, "run", no_training)
+    again = ablate.run_sweep(TINY, overrides=sweep_overrides(tmp, extractor), extra=extra, log=lambda m: None)
+    assert again["table"] == out["table"]
+    assert {p: os.path.getmtime(p) for p in ckpts} == mtimes
+    collected = ablate.run_sweep(TINY, collect_only=True, overrides=sweep_overrides(tmp, extractor), extra=extra,
+                                 log=lambda m: None)
+    assert collected["table"] == out["table"]
+
+
+def test_changed_config_is_not_finished_and_collect_only_never_trains(first_run, extractor, monkeypatch):
+    tmp, extra, _ = first_run
+    sweep = ablate.load_sweep(TINY, sweep_overrides(tmp, extractor))
+    assert all(ablate.finished_metrics(a) for a in ablate.training_arms(sweep, extra))
+    changed = ablate.training_arms(sweep, [*extra, "optim.lr=0.002"])  # another hash -> another, unfinished run
+    assert not any(ablate.finished_metrics(a) for a in changed)
+    monkeypatch.setattr(train, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    out = ablate.run_sweep(TINY, collect_only=True, overrides=sweep_overrides(tmp, extractor),
+                           extra=[*extra, "optim.lr=0.002"], log=lambda m: None)
+    assert out["rows"] == [] and len(out["missing"]) == 2
+    assert "Not finished" in open(out["markdown"]).read()
+
+
+def test_slurm_executor_submits_one_launch_per_unfinished_arm(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ablate.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    out = ablate.run_sweep(TINY, executor="slurm", overrides=[f"out_dir={tmp_path}"], extra=FAST,
+                           launch_args=["--partition=P"], log=lambda m: None)
+    assert len(calls) == 2 and out["rows"] == []
+    for cmd, variant in zip(calls, ("raster", "randar")):
+        assert cmd[1:4] == ["-m", "experiments.launch", "-c"] and cmd[-1] == "--partition=P"
+        assert os.path.basename(os.path.dirname(cmd[4])).startswith(variant) and os.path.isfile(cmd[4])

@@ -5,7 +5,7 @@ global batch, seed and tokens seen. For every arm: validation NLL (bits/token), 
 steps, images/s of sampling, and a class-balanced sample grid. Runs go to runs/demo/<variant>/; a finished arm
 is resumed at its last step (nothing retrained) when the demo runs again.
 
-    python -m experiments.demo [--steps 600] [--out runs/demo] [--variants raster,rar,randar,arpg]
+    python -m experiments.demo [--steps 400] [--out runs/demo] [--variants raster,rar,randar,arpg]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ DEMO_SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
 
 
 def arm_config(variant: str, steps: int, out: str, extra: list[str] = ()):
-    return load_config([DEMO_PRESET], [f"model.variant={variant}", f"trainer.max_steps={steps}", f"name={variant}",
+    steps_override = [f"trainer.max_steps={steps}"] if steps else []  # 0 = the preset's (the sweep uses it too)
+    return load_config([DEMO_PRESET], [f"model.variant={variant}", *steps_override, f"name={variant}",
                                        f"out_dir={out}", *extra])
 
 
@@ -45,7 +46,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the preset's)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--variants", default=",".join(VARIANTS))
     a = p.parse_args(argv)
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     rows, t0 = [], time.time()
     for variant in a.variants.split(","):
         cfg = arm_config(variant, a.steps, a.out)
-        print(f"demo: training {variant} ({a.steps} steps, global batch {cfg.trainer.global_batch_size})", flush=True)
+        print(f"demo: training {variant} ({cfg.trainer.max_steps} steps, global batch {cfg.trainer.global_batch_size})",
+              flush=True)
         result = run(cfg, quiet=True)
         module = load_generator(os.path.join(result["run_dir"], "checkpoints", "last.ckpt")).eval()
         ips, images = images_per_second(module, cfg.model.num_classes)
@@ -93,7 +95,7 @@ def zero_shot_and_ablation(a) -> None:
 
     variants = a.variants.split(",")
     out = run_sweep(DEMO_SWEEP, overrides=[f"out_dir={a.out}", f"axes.variants=[{a.variants}]"],
-                    extra=[f"trainer.max_steps={a.steps}"], log=lambda msg: print(msg, flush=True))
+                    extra=[f"trainer.max_steps={a.steps}"] if a.steps else [], log=lambda msg: print(msg, flush=True))
     print(f"demo: ablation table {out['markdown']} (CSV {out['csv']}), plots {out['plots_dir']}/, "
           f"TensorBoard {out['tb_dir']}")
     variant = next((v for v in ("randar", "arpg") if v in variants), variants[0])

@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--variants", default=",".join(VARIANTS))
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # all cores by default; ROAR_DEMO_THREADS=1 when another job shares the machine (OpenMP threads that wait
+    # on a busy core make small models many times slower)
+    torch.set_num_threads(int(os.environ.get("ROAR_DEMO_THREADS", 0)) or max(1, os.cpu_count() or 1))
     from experiments.checkpoints import load_generator
     from experiments.train import run
     from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display

@@ -21,12 +21,14 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.length = 0
 
-    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows long [L]; k, v [B, H, L, hd]. Returns the visible keys/values [B, H, Lk, hd]."""
+    def write(self, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows long [L]; k, v [B, H, L, hd]; length = max(rows) + 1 when the caller already knows it (one host
+        sync per forward instead of one per layer). Returns the visible keys/values [B, H, Lk, hd]."""
         self.k.index_copy_(2, rows, k.to(self.k.dtype))
         self.v.index_copy_(2, rows, v.to(self.v.dtype))
         # Keys are truncated to max(row)+1 (official); rows only grow, and stale rows past it stay invisible.
-        self.length = int(rows.max()) + 1
+        self.length = int(rows.max()) + 1 if length is None else length
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
@@ -36,6 +38,19 @@ class CacheSet:
     def __init__(self, caches: list[KVCache], shared: KVCache | None = None):
         self.layers = caches
         self.shared = shared
+
+    @staticmethod
+    def prepare(rows: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+        """Once per cached forward (not per layer): the visible length and the self-attention mask.
+
+        mask None means causal over rows. A single new slot is always at the highest row, so it sees every key
+        and needs no mask at all (the common decode step: SDPA then runs unmasked; on CUDA an explicit mask
+        would rule out the flash kernel). Several slots get the boolean row mask, built once here."""
+        length = int(rows.max()) + 1
+        if mask is None and rows.shape[0] > 1:
+            keys = torch.arange(length, device=rows.device)
+            mask = (keys[None, :] <= rows[:, None])[None, None]  # [1, 1, L, Lk]: slot at row r sees rows <= r
+        return mask, length
 
 
 def attend(q, k, v, mask, causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
@@ -66,23 +81,33 @@ class SelfAttention(nn.Module):
     def project_qkv(self, x: torch.Tensor, rope: torch.Tensor | None):
         """x [B, L, D] -> q, k, v [B, H, L, hd] (RoPE and QK-norm applied)."""
         B, L, _ = x.shape
-        q, k, v = getattr(self, self.qkv_name)(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)
-        if self.q_norm is not None:
+        qkv = getattr(self, self.qkv_name)(x).view(B, L, 3, self.n_head, self.head_dim)
+        if self.q_norm is not None:  # per-head QK-LayerNorm (separate weights for q and k)
+            q, k, v = qkv.unbind(2)
             q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            v = qkv[:, :, 2]
+            q, k = qkv[:, :, :2], None  # [B, L, 2, H, hd] view: q and k rotate in one pass
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            if k is None:  # the (2, H) dims merge into 2H heads without a copy; same arithmetic as per tensor
+                q, k = apply_rope(q.flatten(2, 3), rope).view(B, L, 2, self.n_head, self.head_dim).unbind(2)
+            else:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
+        elif k is None:
+            q, k = q.unbind(2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, rope, mask, rows, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, rope, mask, rows, cache: KVCache | None = None, length: int | None = None) -> torch.Tensor:
+        """With a cache, ``mask``/``length`` come from CacheSet.prepare (mask None = every key visible); a caller
+        that did not prepare passes length None and the causal row mask is derived here."""
         q, k, v = self.project_qkv(x, rope)
-        causal = True
         if cache is not None:
-            k, v = cache.write(rows, k, v)
-            if mask is None:  # causal over absolute rows: a slot sees every key at a row <= its own
-                keys = torch.arange(k.shape[2], device=x.device)
-                mask = (keys[None, :] <= rows[:, None])[None, None]
+            if length is None:
+                mask, length = CacheSet.prepare(rows, mask)
+            k, v = cache.write(rows, k, v, length)
         p = self.attn_dropout if self.training else 0.0
-        return self.resid_dropout(getattr(self, self.out_name)(attend(q, k, v, mask, causal, p)))
+        out = attend(q, k, v, mask, causal=cache is None, dropout_p=p)
+        return self.resid_dropout(getattr(self, self.out_name)(out))
 
 
 class CrossAttention(nn.Module):

@@ -60,8 +60,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.feed_forward = SwiGLU(dim, hidden, ffn_dropout)
 
-    def forward(self, x, rope, mask, rows, cache=None):
-        h = x + self.attention(self.attention_norm(x), rope, mask, rows, cache)
+    def forward(self, x, rope, mask, rows, cache=None, length=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, rows, cache, length)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -127,14 +127,14 @@ class LlamaBackbone(nn.Module):
         x = self.token_dropout(self.tok_embeddings(seq.ids.clamp(0, self.vocab_size - 1)))
         cls = self.cls_embedding(seq.labels)[:, None, :].expand_as(x)
         x = torch.where(kind == SLOT_CLASS, self.token_dropout(cls), x)
-        if self.pos_instruct is not None and bool((seq.kind == SLOT_POSITION).any()):
+        if self.pos_instruct is not None:  # no data-dependent branch: no host sync, nothing to break a compile
             B, L = seq.kind.shape
             # RandAR: the shared vector, viewed per head and rotated to the target position, IS the embedding
             # (and attention rotates its q/k again: "RoPE applied twice", issue #13 — kept for parity).
             p = self.pos_instruct.view(1, 1, self.n_head, -1).expand(B, L, -1, -1)
             p = apply_rope(p, rope).reshape(B, L, self.dim).to(x.dtype)
             x = torch.where(kind == SLOT_POSITION, p, x)
-        elif bool((seq.kind == SLOT_POSITION).any()):
+        elif not torch.compiler.is_compiling() and bool((seq.kind == SLOT_POSITION).any()):
             raise ValueError("position-instruction slots need a backbone built with position_tokens=True")
         if self.target_embed is not None and seq.target is not None:
             ta = self.target_embed(seq.target.clamp(min=0)) * (seq.target >= 0)[..., None]
@@ -153,25 +153,28 @@ class LlamaBackbone(nn.Module):
         """Logits float32 [B, M, V] at ``seq.out`` (slots, or queries when the backbone has cross layers)."""
         rope = self.rope(seq.pos)
         x = self.embed(seq, rope)
+        mask, length = seq.mask, None
+        if cache is not None:  # visible length and mask once per forward, shared by every layer
+            mask, length = cache.prepare(seq.rows, seq.mask)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, rope, seq.mask, seq.rows, layer_cache, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, seq.rows, layer_cache, length, use_reentrant=False)
             else:
-                x = layer(x, rope, seq.mask, seq.rows, layer_cache)
+                x = layer(x, rope, mask, seq.rows, layer_cache, length)
         if self.cross is not None:
-            x = self.cross_decode(x, rope, seq, cache)
+            x = self.cross_decode(x, rope, seq, cache, length)
         x = gather_slots(x, seq.out)
         return self.output(self.norm(x)).float()
 
-    def cross_decode(self, x, rope, seq: Seq, cache: CacheSet | None) -> torch.Tensor:
+    def cross_decode(self, x, rope, seq: Seq, cache: CacheSet | None, length: int | None = None) -> torch.Tensor:
         """ARPG pass 2: shared K/V from the content stream, then queries through the cross layers -> [B, Q, D]."""
         B, L, _ = x.shape
         k, v = self.to_kv(self.kv_norm(x)).view(B, L, 2, self.n_head, -1).unbind(2)
         k = apply_rope(k, rope).transpose(1, 2)  # RoPE on k only (official)
         v = v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.shared.write(seq.rows, k, v)
+            k, v = cache.shared.write(seq.rows, k, v, length)
         qrope = self.rope(seq.query_pos)
         q = self.query_token.to(x.dtype).expand(B, seq.query_pos.shape[1], -1)
         for blk in self.cross:

@@ -45,9 +45,9 @@ class AdaLNBlock(nn.Module):
         self.mlp = Mlp(dim, hidden, dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, mask, rows, cache=None):
+    def forward(self, x, c, mask, rows, cache=None, length=None):
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), None, mask, rows, cache)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), None, mask, rows, cache, length)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -125,12 +125,15 @@ class RARViTBackbone(nn.Module):
             x = torch.cat([self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1], x], dim=1)
             rows = torch.cat([rows.new_zeros(1), rows])
         c = self.embeddings(self.class_ids(seq.labels))[:, None] + self.timesteps_embeddings[0, rows][None]
+        mask, length = None, None
+        if cache is not None:  # visible length and causal row mask once per forward, not once per block
+            mask, length = cache.prepare(rows, None)
         for i, blk in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, c, None, rows, layer_cache, use_reentrant=False)
+                x = checkpoint(blk, x, c, mask, rows, layer_cache, length, use_reentrant=False)
             else:
-                x = blk(x, c, None, rows, layer_cache)
+                x = blk(x, c, mask, rows, layer_cache, length)
         # drop the cls prefix output, keep the requested slots, then the final AdaLN and head
         x = gather_slots(x[:, -L:], seq.out)
         c = gather_slots(c[:, -L:].expand(B, -1, -1), seq.out)

@@ -1,0 +1,142 @@
+"""The benchmark suite: the CLI runs end to end and writes its JSON + Markdown; the no-KV-cache reference sampler
+reproduces the cached sampler (a real check of the cache); FLOP counting matches a hand count and an independent
+count of the matmuls and attention pairs actually executed. No timing assertions."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import VALID, make_module
+from experiments.bench import main as bench_main
+from experiments.bench_sample import sample_nocache
+from experiments.bench_train import forward_flops
+from lightning_modules.base import make_generator
+from lightning_modules.nn import attention
+from lightning_modules.sampling import generate
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_all_sections_write_json_and_markdown(tmp_path):
+    out = str(tmp_path / "bench" / "all.json")
+    rc = bench_main(["all", "--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0",
+                     "--peak-sizes", "64", "--no-sweep", "--batch", "2", "--draws", "multinomial", "--threads", "1",
+                     "--data-workers", "0", "--data-batches", "1", "--data-batch-size", "4", "--out", out])
+    assert rc == 0
+    res = json.load(open(out))
+    assert {"machine", "peak_before", "peak_after", "train", "sample", "data"} <= set(res)
+    assert {"cpu", "torch", "torch_threads", "load_average"} <= set(res["machine"])
+    assert {"gflops", "per_n", "gflops_per_cpu_s"} <= set(res["peak_before"]["matmul_peak"]["fp32"])
+    train = res["train"]["results"]
+    assert {r["variant"] for r in train} == {"raster", "rar", "randar", "arpg"}
+    for r in train:
+        assert {"step_s", "tokens_per_s", "gflop_per_step", "gflops", "mfu", "peak_mem_mb", "state_mb"} <= set(r)
+        assert r["gflop_per_step"] > 0 and r["tokens_per_s"] > 0
+    sample = res["sample"]["results"]
+    assert {r["variant"] for r in sample} == {"raster", "rar", "randar", "arpg"}
+    assert {True, False} == {r["kv_cache"] for r in sample} and {1.0, 4.0} == {r["cfg"] for r in sample}
+    assert {(r["variant"], r["steps"]) for r in sample} >= {("raster", 16), ("randar", 6), ("arpg", 4), ("arpg", 2)}
+    assert all(r["images_per_s"] > 0 and "speedup_vs_raster" in r for r in sample)
+    assert res["sample"]["targets"]
+    assert res["data"]["results"][0]["workers"] == 0 and res["data"]["results"][0]["images_per_s"] > 0
+    md = open(str(tmp_path / "bench" / "all.md")).read()
+    for heading in ("# roar benchmark (all)", "## Training step", "## Sampling", "## Data loading", "matmul peak"):
+        assert heading in md
+
+
+# ---------------------------------------------------------------------------------------------- no-cache reference
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_nocache_reference_matches_cached_sampler(variant, flavour):
+    m = make_module(variant, flavour)
+    labels = torch.tensor([0, 3, 4])
+    # raster/RAR decode one token per step (mode changes nothing); the multi-token orderings run both modes
+    plan = [("official", 16)] if variant in ("raster", "rar") else [("official", 3), ("official", 16),
+                                                                    ("consistent", 5)]
+    for mode, steps in plan:
+        s = m.sample_settings(num_steps=steps, cfg_scale=2.5, mode=mode)
+        rec_a, rec_b = [], []
+        a = generate(m, labels, s, make_generator(11), recorder=rec_a.append)
+        b = sample_nocache(m, labels, s, make_generator(11), recorder=rec_b.append)
+        assert torch.equal(a, b), f"{variant}/{flavour} {mode} {steps} steps: tokens differ"
+        for x, y in zip(rec_a, rec_b):
+            torch.testing.assert_close(x["logits_cfg"], y["logits_cfg"], atol=1e-4, rtol=1e-5)
+
+
+def test_nocache_reference_catches_a_broken_cache(monkeypatch):
+    """A cache whose first write of a row wins (no overwrite) breaks RandAR's choreography: the reference notices."""
+    m = make_module("randar")
+    labels = torch.tensor([1, 2])
+    s = m.sample_settings(num_steps=4, cfg_scale=1.0)
+    forced = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0))
+    draw = lambda logits, pos: torch.gather(forced, 1, pos)  # noqa: E731  same tokens both ways
+
+    def first_write_wins(self, rows, k, v, length=None):
+        seen = getattr(self, "seen", torch.zeros(self.k.shape[2], dtype=torch.bool))
+        new = ~seen[rows]
+        self.k.index_copy_(2, rows[new], k[:, :, new])
+        self.v.index_copy_(2, rows[new], v[:, :, new])
+        self.seen = seen.index_fill(0, rows, True)
+        self.length = int(rows.max()) + 1
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    monkeypatch.setattr(attention.KVCache, "write", first_write_wins)
+    rec_a, rec_b = [], []
+    generate(m, labels, s, None, draw=draw, recorder=rec_a.append)
+    sample_nocache(m, labels, s, None, draw=draw, recorder=rec_b.append)
+    worst = max((x["logits_cfg"] - y["logits_cfg"]).abs().max().item() for x, y in zip(rec_a, rec_b))
+    assert worst > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def test_flops_hand_count_tiny_llama_raster():
+    """debug llama: D=64, 2 layers, SwiGLU hidden 256 (2*4*64/3 rounded up to 256), grid 4x4, vocab 11."""
+    m = make_module("raster")
+    B, N, D, V, H = 3, 16, 64, 11, 256
+    seq, _ = m.train_inputs(torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long), 0, None)
+    per_layer = 3 * D * D + D * D + 3 * D * H  # wqkv + wo + w1, w3, w2 = 65536
+    body = 2 * (2 * per_layer) * B * N
+    attn = 2 * 4 * D * B * (N * (N + 1) // 2)  # causal: 136 visible pairs per sample and layer
+    head = 2 * D * V * B * N
+    f = forward_flops(m.backbone, seq)
+    assert (f["body"], f["attention"], f["head"]) == (body, attn, head)
+    assert f["total"] == 4_286_464 * B
+
+
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_flops_match_executed_matmuls_and_attention(variant, flavour, monkeypatch):
+    """Independent count: every nn.Linear call (2 * in * out * rows) and every SDPA call's visible pairs."""
+    m = make_module(variant, flavour)
+    codes = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0))
+    seq, _ = m.train_inputs(codes, torch.tensor([0, 1]), 0, make_generator(0),
+                            order=torch.rand(2, 16, generator=torch.Generator().manual_seed(1)).argsort(-1))
+    counted = {"linear": 0, "attention": 0}
+
+    def hook(mod, inp, out):
+        counted["linear"] += 2 * mod.in_features * mod.out_features * (inp[0].numel() // mod.in_features)
+
+    handles = [mod.register_forward_hook(hook) for mod in m.backbone.modules() if isinstance(mod, torch.nn.Linear)]
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        B, H, Lq, hd = q.shape
+        Lk = k.shape[2]
+        if attn_mask is not None:
+            pairs = int(attn_mask.expand(B, 1, Lq, Lk).sum())
+        elif is_causal:
+            pairs = B * int(torch.ones(Lq, Lk).tril().sum())
+        else:
+            pairs = B * Lq * Lk
+        counted["attention"] += 4 * H * hd * pairs
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+    with torch.no_grad():
+        m.backbone(seq)
+    for h in handles:
+        h.remove()
+    f = forward_flops(m.backbone, seq)
+    assert f["body"] + f["head"] == counted["linear"]
+    assert f["attention"] == counted["attention"]

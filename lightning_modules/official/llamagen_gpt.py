@@ -32,13 +32,16 @@ def model_config(cfg: dict) -> dict:
                               ffn_dropout=cfg.get("ffn_dropout_p", 0.1), norm_eps=cfg.get("norm_eps", 1e-5)))
 
 
+def rename(sd: dict, renames: dict) -> dict:
+    return {renames.get(k, k): v for k, v in sd.items()}
+
+
 def to_ours(sd: dict) -> dict:
-    return {RENAMES.get(k, k): v for k, v in sd.items()}
+    return rename(sd, RENAMES)
 
 
 def to_official(sd: dict) -> dict:
-    back = {v: k for k, v in RENAMES.items()}
-    return {back.get(k, k): v for k, v in sd.items()}
+    return rename(sd, {v: k for k, v in RENAMES.items()})
 
 
 def trace_settings(inputs: dict) -> dict:

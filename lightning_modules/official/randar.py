@@ -19,12 +19,11 @@ def model_config(cfg: dict) -> dict:
 
 
 def to_ours(sd: dict) -> dict:
-    return {RENAMES.get(k, k): v for k, v in sd.items()}
+    return llamagen_gpt.rename(sd, RENAMES)
 
 
 def to_official(sd: dict) -> dict:
-    back = {v: k for k, v in RENAMES.items()}
-    return {back.get(k, k): v for k, v in sd.items()}
+    return llamagen_gpt.rename(sd, {v: k for k, v in RENAMES.items()})
 
 
 def trace_settings(inputs: dict) -> dict:

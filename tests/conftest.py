@@ -35,5 +35,14 @@ def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def module_factory():
     return make_module

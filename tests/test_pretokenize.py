@@ -20,13 +20,7 @@ from tokenizers.vq import LlamaGenVQ
 SIZE = 16  # digits preset: f = 4 -> 4x4 codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digit_image(i: int, rgb: bool) -> Image.Image:

@@ -20,13 +20,7 @@ SMALL_VQ = {"codebook_size": 32, "encoder_ch_mult": [1, 1], "decoder_ch_mult": [
 SIZE = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer(steps: int, **kw) -> L.Trainer:

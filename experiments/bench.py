@@ -166,9 +166,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="", help="comma-separated (default: every ordering the flavour runs)")
     p.add_argument("--flavour", default="llama", choices=("llama", "rar_vit"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
-    p.add_argument("--batch", default="", help="train: one batch size (default 8); sample: comma-separated "
-                                                "(default 1,8)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="train: bf16 = autocast (bf16-mixed)")
+    p.add_argument("--batch", default="", help="sample: comma-separated batch sizes (default 1,8); train: the "
+                                                "first of them (default 8)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--grid", type=int, default=16, help="code grid side (16 = 256 tokens, the ImageNet-256 setting)")
@@ -210,18 +210,18 @@ def run(a, argv) -> int:
                "machine": machine_info(a.device)}
     variants = [v for v in a.variants.split(",") if v] or list(VARIANTS if a.flavour == "llama" else VARIANTS[:2])
     peak_sizes = tuple(int(n) for n in a.peak_sizes.split(","))
-    peak_dtypes = ("fp32", "bf16")
     seconds = results["seconds"] = {}
     if a.what in ("train", "all"):
         from experiments.bench_train import bench_train
 
         t = time.perf_counter()
-        results["peak_before"] = matmul_peak(a.device, peak_dtypes, peak_sizes)
+        results["peak_before"] = matmul_peak(a.device, ("fp32", "bf16"), peak_sizes)
         sizes = (a.size or "small,mid").split(",")
-        results["train"] = bench_train(variants, sizes, flavour=a.flavour, batch=int(a.batch or 8), repeat=a.repeat,
+        batch = int((a.batch or "8").split(",")[0])
+        results["train"] = bench_train(variants, sizes, flavour=a.flavour, batch=batch, repeat=a.repeat,
                                        warmup=a.warmup, device=a.device, dtype=a.dtype, grid=a.grid, vocab=a.vocab,
                                        compile=a.compile, fused_adam=a.fused_adam)
-        results["peak_after"] = matmul_peak(a.device, peak_dtypes, peak_sizes)
+        results["peak_after"] = matmul_peak(a.device, ("fp32", "bf16"), peak_sizes)
         add_mfu(results)
         seconds["train"] = round(time.perf_counter() - t, 1)
     if a.what in ("sample", "all"):

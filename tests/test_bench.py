@@ -4,7 +4,6 @@ count of the matmuls and attention pairs actually executed. No timing assertions
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -31,14 +31,9 @@ PRESETS: dict[str, dict] = {
 
 
 def preset_config(preset: str, **overrides) -> dict:
-    if preset not in PRESETS:
-        raise ValueError(f"tokenizer.preset: unknown MaskGIT VQ preset {preset!r} (choose from {sorted(PRESETS)})")
-    cfg = copy.deepcopy(PRESETS[preset])
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise ValueError(f"tokenizer.{key}: not a MaskGIT VQ option (choose from {sorted(cfg)})")
-        cfg[key] = list(value) if isinstance(value, tuple) else value
-    return cfg
+    from tokenizers.vq import merge_preset
+
+    return merge_preset(PRESETS, "MaskGIT VQ", preset, **overrides)
 
 
 def config_from_official(cfg: dict) -> dict:

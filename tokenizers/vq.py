@@ -45,16 +45,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_config(preset: str, **overrides) -> dict:
-    """Preset constructor arguments with ``overrides`` applied (unknown keys refused by name)."""
-    if preset not in PRESETS:
-        raise ValueError(f"tokenizer.preset: unknown LlamaGen VQ preset {preset!r} (choose from {sorted(PRESETS)})")
-    cfg = copy.deepcopy(PRESETS[preset])
+def merge_preset(presets: dict, what: str, preset: str, **overrides) -> dict:
+    """``presets[preset]`` with ``overrides`` applied; unknown presets and keys are refused by name."""
+    if preset not in presets:
+        raise ValueError(f"tokenizer.preset: unknown {what} preset {preset!r} (choose from {sorted(presets)})")
+    cfg = copy.deepcopy(presets[preset])
     for key, value in overrides.items():
         if key not in cfg:
-            raise ValueError(f"tokenizer.{key}: not a LlamaGen VQ option (choose from {sorted(cfg)})")
+            raise ValueError(f"tokenizer.{key}: not a {what} option (choose from {sorted(cfg)})")
         cfg[key] = list(value) if isinstance(value, tuple) else value
     return cfg
+
+
+def preset_config(preset: str, **overrides) -> dict:
+    """Preset constructor arguments with ``overrides`` applied (unknown keys refused by name)."""
+    return merge_preset(PRESETS, "LlamaGen VQ", preset, **overrides)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:

@@ -199,11 +199,10 @@ class FidScorer:
 
         self.ev = ev
         if ev.extractor == "digits" and ev.extractor_weights and not os.path.isfile(ev.extractor_weights):
-            from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
+            from experiments.fid_setup import ensure_digits_extractor
 
             print(f"ablate: training the digits feature extractor -> {ev.extractor_weights}", flush=True)
-            model, info = train_digits_extractor(seed=0)
-            save_digits_extractor(model, ev.extractor_weights, info)
+            ensure_digits_extractor(ev.extractor_weights)
         self.extractor = load_extractor(ev.extractor, ev.extractor_weights)
         self.ref = None
 

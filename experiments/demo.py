@@ -1,11 +1,15 @@
 """`make demo`: the four orderings on the embedded digits with an equal budget, as one comparison table.
 
 Each arm is experiments/configs/demo/raster.yaml with only ``model.variant`` changed: same backbone size, steps,
-global batch, seed and tokens seen. For every arm: validation NLL (bits/token), the sampler's default number of
-steps, images/s of sampling, and a class-balanced sample grid. Runs go to runs/demo/<variant>/; a finished arm
-is resumed at its last step (nothing retrained) when the demo runs again.
+global batch, seed and tokens seen. The ``--vq-variants`` arms (raster by default) train the same way on the codes
+of the project's own digits VQ (configs/demo/vq_codes.yaml; the VQ is trained first when --vq-dir has none), so the
+table also compares tokenizers. For every arm: validation NLL (bits/token of its own vocabulary), FID of 200
+class-balanced samples at the preset's sampling settings (digits extractor), the sampler's default number of
+steps, images/s of sampling, and a sample grid. Runs go to runs/demo/<name>/; a finished arm is resumed at its
+last step (nothing retrained) when the demo runs again.
 
     python -m experiments.demo [--steps 400] [--out runs/demo] [--variants raster,rar,randar,arpg]
+                               [--vq-variants raster] [--vq-dir runs/digits_vq]
 """
 from __future__ import annotations
 
@@ -18,22 +22,49 @@ import torch
 
 from experiments.config import load_config
 
-DEMO_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo", "raster.yaml")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEMO_PRESET = os.path.join(CONFIGS, "demo", "raster.yaml")
+VQ_OVERLAY = os.path.join(CONFIGS, "demo", "vq_codes.yaml")  # the demo preset on the digits VQ's codes
+VQ_CONFIG = os.path.join(CONFIGS, "tokenizer", "digits_vq.yaml")
 VARIANTS = ("raster", "rar", "randar", "arpg")
-DEMO_SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sweeps", "demo.yaml")
+DEMO_SWEEP = os.path.join(CONFIGS, "sweeps", "demo.yaml")
+FID_SAMPLES = 200  # per arm, class-balanced, the FID callback's protocol (eval_plan)
 
 
-def arm_config(variant: str, steps: int, out: str, extra: list[str] = ()):
+def arm_config(variant: str, steps: int, out: str, extra: list[str] = (), vq_weights: str = ""):
+    """The demo preset with ``model.variant``; on the digits VQ's codes when ``vq_weights`` is given."""
     steps_override = [f"trainer.max_steps={steps}"] if steps else []  # 0 = the preset's (the sweep uses it too)
-    return load_config([DEMO_PRESET], [f"model.variant={variant}", *steps_override, f"name={variant}",
-                                       f"out_dir={out}", *extra])
+    presets, vq = ([DEMO_PRESET, VQ_OVERLAY], [f"tokenizer.path={vq_weights}"]) if vq_weights else ([DEMO_PRESET], [])
+    name = f"{variant}_vq" if vq_weights else variant
+    return load_config(presets, [f"model.variant={variant}", *steps_override, f"name={name}", f"out_dir={out}",
+                                 *vq, *extra])
 
 
-def images_per_second(module, num_classes: int, per_class: int = 10, seed: int = 0) -> tuple[float, torch.Tensor]:
-    labels = torch.arange(num_classes * per_class) % num_classes
-    start = time.perf_counter()
-    images = module.sample_images(labels, seed)
-    return len(labels) / (time.perf_counter() - start), images
+def ensure_digits_vq(vq_dir: str) -> str:
+    """runs/digits_vq/tokenizer.safetensors, trained by the project command when it is not there yet."""
+    weights = os.path.join(vq_dir, "tokenizer.safetensors")
+    if os.path.isfile(weights):
+        print(f"demo: using the digits VQ in {vq_dir} (delete it to retrain)", flush=True)
+        return weights
+    from experiments import train_tokenizer
+
+    print(f"demo: training the digits VQ tokenizer -> {vq_dir} (python -m experiments.train_tokenizer -c "
+          f"{os.path.relpath(VQ_CONFIG)} --out {vq_dir})", flush=True)
+    m = train_tokenizer.main(["-c", VQ_CONFIG, "--out", vq_dir])
+    print(f"demo: digits VQ: val PSNR {m['val_psnr']:.2f} dB, rFID {m['val_rfid']:.2f}, "
+          f"{m['val_codes_used']}/{m['vocab_size']} codes used, {m['train_seconds']:.0f} s", flush=True)
+    return weights
+
+
+def sample_and_score(module, scorer, n: int = FID_SAMPLES, batch: int = 100) -> tuple[float, float, torch.Tensor]:
+    """(images/s, FID of n class-balanced samples at the module's own sampling settings, the images)."""
+    from lightning_modules.callbacks.fid import eval_plan
+
+    images, start = [], time.perf_counter()
+    for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, batch, seed=0):
+        images.append(module.sample_images(labels, seed).cpu())
+    seconds, images = time.perf_counter() - start, torch.cat(images)
+    return len(images) / seconds, scorer.fid(images), images
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -49,37 +80,51 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the preset's)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--vq-variants", default="raster", help="arms on the digits VQ's codes ('' = none)")
+    p.add_argument("--vq-dir", default="runs/digits_vq", help="the digits VQ (trained here when missing)")
+    p.add_argument("--extractor", default="runs/extractors/digits.safetensors", help="digits FID extractor")
     a = p.parse_args(argv)
     # all cores by default; ROAR_DEMO_THREADS=1 when another job shares the machine (OpenMP threads that wait
     # on a busy core make small models many times slower)
     torch.set_num_threads(int(os.environ.get("ROAR_DEMO_THREADS", 0)) or max(1, os.cpu_count() or 1))
+    from omegaconf import OmegaConf
+
+    from experiments.ablate import FidScorer, SweepEval
     from experiments.checkpoints import load_generator
     from experiments.train import run
     from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
 
     rows, t0 = [], time.time()
-    for variant in a.variants.split(","):
-        cfg = arm_config(variant, a.steps, a.out)
-        print(f"demo: training {variant} ({cfg.trainer.max_steps} steps, global batch {cfg.trainer.global_batch_size})",
-              flush=True)
+    scorer = FidScorer(OmegaConf.merge(OmegaConf.structured(SweepEval), {"extractor_weights": a.extractor}))
+    vq_variants = [v for v in a.vq_variants.split(",") if v]
+    vq_weights = ensure_digits_vq(a.vq_dir) if vq_variants else ""
+    arms = [(v, "") for v in a.variants.split(",")] + [(v, vq_weights) for v in vq_variants]
+    for variant, weights in arms:
+        cfg = arm_config(variant, a.steps, a.out, vq_weights=weights)
+        print(f"demo: training {cfg.name} ({cfg.trainer.max_steps} steps, global batch "
+              f"{cfg.trainer.global_batch_size}, tokenizer {cfg.tokenizer.kind})", flush=True)
         result = run(cfg, quiet=True)
         module = load_generator(os.path.join(result["run_dir"], "checkpoints", "last.ckpt")).eval()
-        ips, images = images_per_second(module, cfg.model.num_classes)
+        ips, fid, images = sample_and_score(module, scorer)
+        # eval_plan labels are index % num_classes: the first 40 are 4 rows of classes 0..9
         grid = save_png(image_grid(images[:40], nrow=10, scale=upscale_for_display(images)),
-                        os.path.join(a.out, f"{variant}_samples.png"))
-        rows.append({"variant": variant, "val_nll": f"{result['val_nll_bits']:.4f}",
+                        os.path.join(a.out, f"{cfg.name}_samples.png"))
+        rows.append({"variant": variant, "tokenizer": f"{cfg.tokenizer.kind} ({module.backbone.vocab_size})",
+                     "val_nll": f"{result['val_nll_bits']:.4f}", f"fid{FID_SAMPLES}": f"{fid:.1f}",
                      "steps": module.sample_settings().num_steps, "images_per_s": f"{ips:.1f}",
                      "params_M": f"{result['params'] / 1e6:.2f}", "train_s": result["fit_seconds"], "grid": grid})
-    cols = [("variant", "variant"), ("val NLL (bits/token)", "val_nll"), ("sampling steps", "steps"),
-            ("images/s", "images_per_s"), ("params (M)", "params_M"), ("train s", "train_s")]
+    cols = [("variant", "variant"), ("tokenizer (vocab)", "tokenizer"), ("val NLL (bits/token)", "val_nll"),
+            (f"FID{FID_SAMPLES}", f"fid{FID_SAMPLES}"), ("sampling steps", "steps"), ("images/s", "images_per_s"),
+            ("params (M)", "params_M"), ("train s", "train_s")]
     table = markdown_table(rows, cols)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(a.out, "table.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print("\n" + table + "\n")
-    for row in rows:
-        print(f"demo: {row['variant']}: samples {row['grid']}, run {a.out}/{row['variant']}/ (TensorBoard: tb/)")
+    for row, (variant, weights) in zip(rows, arms):
+        name = arm_config(variant, a.steps, a.out, vq_weights=weights).name
+        print(f"demo: {name}: samples {row['grid']}, run {a.out}/{name}/ (TensorBoard: tb/)")
     zero_shot_and_ablation(a)
     print(f"demo: done in {time.time() - t0:.0f} s; table in {a.out}/table.md; "
           f"view the curves with: .venv/bin/tensorboard --logdir {a.out}")
@@ -96,7 +141,8 @@ def zero_shot_and_ablation(a) -> None:
     from lightning_modules.editing import region_mask
 
     variants = a.variants.split(",")
-    out = run_sweep(DEMO_SWEEP, overrides=[f"out_dir={a.out}", f"axes.variants=[{a.variants}]"],
+    out = run_sweep(DEMO_SWEEP, overrides=[f"out_dir={a.out}", f"axes.variants=[{a.variants}]",
+                                                f"eval.extractor_weights={a.extractor}"],
                     extra=[f"trainer.max_steps={a.steps}"] if a.steps else [], log=lambda msg: print(msg, flush=True))
     print(f"demo: ablation table {out['markdown']} (CSV {out['csv']}), plots {out['plots_dir']}/, "
           f"TensorBoard {out['tb_dir']}")

@@ -3,12 +3,14 @@
     python -m experiments.train_tokenizer --out runs/digits_vq [--max-steps N] [--seed S]
     python -m experiments.train_tokenizer -c experiments/configs/tokenizer/digits_vq.yaml --out runs/digits_vq
 
-The 8x8 digits are upscaled to ``image_size`` (bilinear by default, so the tokenizer has smooth strokes to learn
-rather than 4x4 flat blocks), grey replicated to RGB. Writes to --out:
+The 8x8 digits are upscaled to ``image_size`` and grey is replicated to RGB. The default upscaling is PIL bicubic
+(``pil_bicubic``): exactly what the generator's image DataModule does to the embedded shards at that
+``data.image_size``, so the codes a generator trains on come from the images the VQ learned (and the tokenizer
+has smooth strokes to learn rather than 4x4 flat blocks). Writes to --out:
   tokenizer.safetensors  weights, with kind/config/fingerprint embedded as metadata
   tokenizer.json         kind, config, fingerprint (what a generator records)
   reconstructions.png    val originals (top) vs reconstructions (bottom)
-  metrics.json           val PSNR, codebook usage, perplexity, steps, seconds
+  metrics.json           val PSNR, val rFID (digits extractor, 359 val images), codebook usage, perplexity, ...
   tb/                    TensorBoard logs (losses, usage, image grids)
 A generator then uses it with ``tokenizer: {kind: llamagen_vq, path: runs/digits_vq/tokenizer.safetensors}``.
 """
@@ -25,20 +27,31 @@ import torch.nn.functional as F
 
 DEFAULTS = {
     "tokenizer": {"preset": "digits", "vq": {}},
-    "data": {"image_size": 32, "upsample": "bilinear", "batch_size": 64, "seed": 0},
+    "data": {"image_size": 32, "upsample": "pil_bicubic", "batch_size": 64, "seed": 0},
     "train": {"max_steps": 400, "seed": 0, "lr": 1e-3, "weight_decay": 0.0, "rec_loss": "l2", "disc_start": -1,
               "disc_weight": 0.1, "disc_layers": 2, "disc_ndf": 32, "perceptual_weight": 0.0,
-              "perceptual_path": "", "val_every_epochs": 5, "num_threads": 0},
+              "perceptual_path": "", "val_every_epochs": 5, "num_threads": 0,
+              "extractor_weights": "runs/extractors/digits.safetensors"},  # rFID; trained (seconds) when missing
 }
 
 
-def digits_images(split: str, image_size: int, upsample: str = "bilinear", seed: int = 0):
+UPSAMPLE = ("pil_bicubic", "bilinear", "nearest", "bicubic")  # pil_bicubic = the image DataModule's resize
+
+
+def digits_images(split: str, image_size: int, upsample: str = "pil_bicubic", seed: int = 0):
     """(uint8 [n, 3, S, S], int64 [n]) digits upscaled from 8x8 and replicated to RGB."""
     from datamodules.digits import digits_arrays
 
-    if upsample not in ("bilinear", "nearest", "bicubic"):
-        raise ValueError(f"data.upsample: expected bilinear, nearest or bicubic, got {upsample!r}")
+    if upsample not in UPSAMPLE:
+        raise ValueError(f"data.upsample: expected one of {', '.join(UPSAMPLE)}, got {upsample!r}")
     images, labels = digits_arrays(split, seed)
+    if upsample == "pil_bicubic":
+        from PIL import Image
+
+        from datamodules.transforms import resize_square, to_rgb
+
+        x = np.stack([np.asarray(resize_square(to_rgb(Image.fromarray(im)), image_size)) for im in images])
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
     x = torch.from_numpy(images).float().unsqueeze(1)  # [n, 1, 8, 8]
     kwargs = {} if upsample == "nearest" else {"align_corners": False}
     x = F.interpolate(x, size=(image_size, image_size), mode=upsample, **kwargs)
@@ -108,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
+    from experiments.fid_setup import ensure_digits_extractor
+    from lightning_modules.callbacks.rfid import ReconstructionFID, reconstruction_fid
+    from lightning_modules.metrics.extractors import load_extractor
     from lightning_modules.official.checkpoint_io import save_tokenizer
     from lightning_modules.tokenizer import VQTokenizerModule, reconstruction_grid
 
@@ -129,10 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
         perceptual_weight=train["perceptual_weight"], perceptual_path=train["perceptual_path"])
     steps_per_batch = 2 if module.disc is not None else 1  # manual optimisation: global_step counts opt steps
     os.makedirs(args.out, exist_ok=True)
+    extractor = load_extractor("digits", ensure_digits_extractor(train["extractor_weights"]))
+    rfid = ReconstructionFID(extractor, x_val)  # val/rfid in TensorBoard at every validation
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=train["max_steps"] * steps_per_batch, max_epochs=-1,
         logger=TensorBoardLogger(args.out, name="tb", version=""), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, callbacks=[rfid],
         check_val_every_n_epoch=train["val_every_epochs"], num_sanity_val_steps=0)
     start = time.time()
     trainer.fit(module, train_dl, val_dl)
@@ -141,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = module.vq.eval()
     weights, _ = save_tokenizer(tokenizer, args.out, kind="llamagen_vq")
     metrics, rec = evaluate(tokenizer, x_val)
+    metrics["val_rfid"] = reconstruction_fid(extractor, x_val, rec)
+    metrics["rfid_images"] = len(x_val)
     metrics.update({"steps": train["max_steps"], "train_seconds": round(seconds, 1),
                     "grid": list(tokenizer.grid(data["image_size"], data["image_size"])),
                     "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint,
@@ -148,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     save_png(os.path.join(args.out, "reconstructions.png"), reconstruction_grid(x_val, rec, 16))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(f"val PSNR {metrics['val_psnr']:.2f} dB, codebook usage {metrics['val_codes_used']}/"
+    print(f"val PSNR {metrics['val_psnr']:.2f} dB, rFID {metrics['val_rfid']:.2f} ({len(x_val)} val images, digits "
+          f"extractor), codebook usage {metrics['val_codes_used']}/"
           f"{tokenizer.vocab_size}, perplexity {metrics['val_perplexity']:.1f}, {seconds:.0f}s -> {args.out}")
     return metrics
 

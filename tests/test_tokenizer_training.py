@@ -124,13 +124,37 @@ def test_train_tokenizer_script_writes_loadable_tokenizer(tmp_path):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / "digits_vq")
+    extractor = str(tmp_path / "digits_extractor.safetensors")
     metrics = main(["--out", out, "-c", os.path.join(repo, "experiments/configs/tokenizer/digits_vq.yaml"),
-                    "--max-steps", "2", "--batch-size", "16", "--set", "tokenizer.vq.codebook_size=64"])
+                    "--max-steps", "2", "--batch-size", "16", "--set", "tokenizer.vq.codebook_size=64",
+                    "--set", f"train.extractor_weights={extractor}"])
+    assert os.path.isfile(extractor)  # the rFID extractor is trained when missing
     for name in ("tokenizer.safetensors", "tokenizer.json", "reconstructions.png", "metrics.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["steps"] == 2 and saved["vocab_size"] == 64 and saved["grid"] == [8, 8]
     assert 0 < saved["val_psnr"] < 100 and 0 < saved["val_codebook_usage"] <= 1
+    assert saved["val_rfid"] > 0 and saved["rfid_images"] == 359  # 2 steps: far from the originals
     info = json.load(open(os.path.join(out, "tokenizer.json")))
     tok = build_tokenizer(info["kind"], path=os.path.join(out, "tokenizer.safetensors"))
     assert tok.fingerprint == info["fingerprint"] == metrics["fingerprint"] and tok.vocab_size == 64
+
+
+def test_digits_images_are_what_the_generator_image_path_feeds():
+    """The VQ learns from the images a generator's ImageShardDataModule makes of the embedded shards at the same
+    size (to_rgb + PIL bicubic resize), so the codes a generator trains on are in the VQ's training domain."""
+    import random
+
+    from datamodules.digits import digits_arrays
+    from datamodules.embedded import png_bytes
+    from datamodules.images import ImageDecoder
+
+    raw, labels = digits_arrays("val")
+    images, same_labels = digits_images("val", 32)
+    decode = ImageDecoder(32, "none", random_flip=False)
+    for i in (0, 7, 100):
+        arr, label = decode({"png": png_bytes(raw[i]), "cls": str(int(labels[i])).encode()}, random.Random(0), True)
+        assert torch.equal(torch.from_numpy(arr.copy()).permute(2, 0, 1), images[i]) and label == int(same_labels[i])
+    assert images.shape == (359, 3, 32, 32) and images.dtype == torch.uint8
+    with pytest.raises(ValueError, match="data.upsample"):
+        digits_images("val", 32, upsample="lanczos")

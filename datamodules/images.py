@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from datamodules import wds_utils as W
+from datamodules.loader import EpochLoader, SkipTracker
 from datamodules.transforms import adm_center_crop, maybe_hflip, resize_square, to_rgb
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -68,7 +69,7 @@ class ShardDataModule(L.LightningDataModule):
         if samples_per_epoch is None and self.train_counts is not None:
             samples_per_epoch = sum(self.train_counts.values())
         self.samples_per_epoch = samples_per_epoch  # None: checked when a resampled train loader is built
-        self._trackers: list[W.SkipTracker] = []  # not the loaders: their workers may end with them
+        self._trackers: list[SkipTracker] = []  # not the loaders: their workers may end with them
 
     # -- subclass hooks
     def decoder(self, train: bool) -> W.Decoder:
@@ -85,18 +86,18 @@ class ShardDataModule(L.LightningDataModule):
                              f"{self.batch_size} per worker ({world} ranks x {max(1, self.num_workers)} workers)")
         return per_worker // self.batch_size
 
-    def _loader(self, urls, counts, train: bool, batch_size: int, num_workers: int) -> W.EpochLoader:
+    def _loader(self, urls, counts, train: bool, batch_size: int, num_workers: int) -> EpochLoader:
         _, world = W.world_info()
         stream = W.ShardStream(
             urls, self.decoder(train), type(self).collate, batch_size, train=train,
             resampled=self.resampled, seed=self.seed, epoch=W.SharedEpoch(), num_workers=num_workers,
             shuffle_buffer=self.shuffle_buffer if train else 0, counts=counts,
             batches_per_worker=self.batches_per_worker(world) if train and self.resampled else None)
-        loader = W.EpochLoader(stream, num_workers, self.persistent_workers)
+        loader = EpochLoader(stream, num_workers, self.persistent_workers)
         self._trackers.append(loader.tracker)
         return loader
 
-    def train_dataloader(self) -> W.EpochLoader:
+    def train_dataloader(self) -> EpochLoader:
         return self._loader(self.train_urls, self.train_counts, True, self.batch_size, self.num_workers)
 
     def val_dataloader(self):

@@ -1,7 +1,7 @@
 """Randomness that survives a kill: every training step draws dropout from a generator seeded by the step.
 
 Lightning checkpoints hold weights, optimizer, LR scheduler, loop counters, callback states and our loaders'
-positions (datamodules/wds_utils.py EpochLoader.state_dict), but not the global torch RNG. Dropout draws from that
+positions (datamodules/loader.py EpochLoader.state_dict), but not the global torch RNG. Dropout draws from that
 RNG, so a resumed run would otherwise see other dropout masks than an uninterrupted one and drift away from it.
 Orders and class dropout already come from ``ARModule.generator(step)``; ``step_rng`` does the same for anything
 that uses the global RNG inside a training step (dropout, torch.compile's RNG ops), and restores the global state

@@ -6,7 +6,7 @@ import torch
 
 from data_helpers import make_shards
 from datamodules.images import ImageShardDataModule
-from datamodules.wds_utils import SkipTracker
+from datamodules.loader import SkipTracker
 from experiments.bench_data import bench_data, main as bench_main, write_synthetic_shards
 from lightning_modules.callbacks.data_stats import DataStatsCallback
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback
 
-from datamodules.wds_utils import SkipTracker
+from datamodules.loader import SkipTracker
 
 
 def batch_size_of(batch) -> int:

@@ -108,8 +108,8 @@ def _fmt(v) -> str:
 
 TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
               "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
-SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "kv_cache", "seconds", "seconds_min", "cpu_s",
-               "images_per_s", "speedup_vs_raster", "speedup_cpu", "load"]
+SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "kv_cache", "seconds", "seconds_min",
+               "cpu_s", "images_per_s", "speedup_vs_raster", "speedup_cpu", "load"]
 
 
 def markdown(results: dict) -> str:
@@ -180,6 +180,7 @@ def parse_args(argv=None):
                                                 "256, scaled; `all` runs the headline counts only unless given)")
     p.add_argument("--no-sweep", action="store_true", help="sample: only the headline step counts")
     p.add_argument("--draws", default="multinomial,inverse_cdf", help="sample: sample.draw values to time")
+    p.add_argument("--precisions", default="fp32", help="sample: sample.precision values to time (fp32,bf16)")
     p.add_argument("--nocache", default="default", help="sample: no-KV-cache reference at 'default' steps, 'all', "
                                                          "or 'off'")
     p.add_argument("--peak-sizes", default="1024,2048,4096")
@@ -235,7 +236,8 @@ def run(a, argv) -> int:
         no_sweep = a.no_sweep or (a.what == "all" and not steps)
         results["sample"] = bench_sample(variants, sizes, flavour=a.flavour, batches=batches, repeat=a.repeat,
                                          warmup=a.warmup, device=a.device, grid=a.grid, vocab=a.vocab, sweep=steps,
-                                         no_sweep=no_sweep, nocache=a.nocache, draws=a.draws.split(","))
+                                         no_sweep=no_sweep, nocache=a.nocache, draws=a.draws.split(","),
+                                         precisions=a.precisions.split(","))
         seconds["sample"] = round(time.perf_counter() - t, 1)
     if a.what in ("data", "all"):
         from experiments.bench_data import bench_data

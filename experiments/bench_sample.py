@@ -151,7 +151,7 @@ def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tu
 
 def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, warmup=1, device="cpu", grid=16,
                  vocab=16384, sweep=(), no_sweep=False, nocache="default", draws=("multinomial", "inverse_cdf"),
-                 cfg_scale=4.0, seed=0) -> dict:
+                 precisions=("fp32",), cfg_scale=4.0, seed=0) -> dict:
     """Per size: round-robin over every (variant, batch, steps, cfg, draw, cache) setting, so a load change on a
     shared machine hits all alike; median seconds of ``repeat`` after ``warmup``. The no-cache reference runs
     at the headline steps with CFG off and the first draw ("default"), everywhere ("all"), or never ("off")."""
@@ -167,14 +167,15 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 for steps, head in step_plan(v, n, list(sweep), no_sweep):
                     for cfg in (1.0, cfg_scale):
                         for draw in draws:
-                            runs.append((v, batch, steps, cfg, draw, True))
+                            for precision in precisions:
+                                runs.append((v, batch, steps, cfg, draw, precision, True))
                         if nocache == "all" or (nocache == "default" and head and cfg == 1.0):
-                            runs.append((v, batch, steps, cfg, draws[0], False))
+                            runs.append((v, batch, steps, cfg, draws[0], "fp32", False))  # reference: fp32
 
-        def run(v, batch, steps, cfg, draw, cache):
+        def run(v, batch, steps, cfg, draw, precision, cache):
             m = modules[v]
             labels = torch.arange(batch, device=device) % m.backbone.num_classes
-            s = m.sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw)
+            s = m.sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw, precision=precision)
             (generate if cache else sample_nocache)(m, labels, s, make_generator(seed, device))
 
         for r in runs:
@@ -188,29 +189,32 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 run(*r)
                 sync(device)
                 times[r].append((time.perf_counter() - t, time.process_time() - c))
-        for (v, batch, steps, cfg, draw, cache), tc in times.items():
+        for (v, batch, steps, cfg, draw, precision, cache), tc in times.items():
             ts = [t for t, _ in tc]
             med = statistics.median(ts)
             rows.append({"variant": v, "size": size, "flavour": flavour, "batch": batch, "steps": steps,
-                         "cfg": cfg, "draw": draw, "kv_cache": cache, "seconds": round(med, 4),
+                         "cfg": cfg, "draw": draw, "precision": precision, "kv_cache": cache, "seconds": round(med, 4),
                          "seconds_min": round(min(ts), 4), "seconds_all": [round(t, 4) for t in ts],
                          "cpu_s": round(statistics.median(c for _, c in tc), 4),
                          "images_per_s": round(batch / med, 3), "load": load_average()[:1]})
-            print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} cache {cache}: "
+            print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} {precision} cache {cache}: "
                   f"{med:.3f} s, {batch / med:.2f} images/s", flush=True)
         del modules
     add_speedups(rows, n)
     return {"results": rows, "targets": targets(rows, n), "load_average": load_average(),
             "note": f"images/s = batch / median seconds of one `generate` call; CFG on = scale {cfg_scale:g} "
                     "(doubled batch); kv_cache False = the no-cache reference (recompute the live prefix each "
-                    "step); draw = sample.draw (multinomial: torch.multinomial, the reference stream; inverse_cdf: "
+                    "step); precision = sample.precision (bf16: a bf16 copy of the weights, as the official "
+                    "samplers); "
+                    "draw = sample.draw (multinomial: torch.multinomial, the reference stream; inverse_cdf: "
                     "one uniform per token); speedup_vs_raster = raster N-step seconds / seconds at the same size, "
-                    "batch, CFG and draw (both cached)"}
+                    "batch, CFG, draw and precision (both cached)"}
 
 
 def add_speedups(rows: list[dict], n: int) -> None:
-    """speedup_vs_raster = raster's cached N-step seconds / this row's seconds (same size, batch, CFG, draw)."""
-    key = lambda r: (r["size"], r["batch"], r["cfg"], r["draw"])  # noqa: E731
+    """speedup_vs_raster = raster's cached N-step seconds / this row's seconds (same size, batch, CFG, draw,
+    precision)."""
+    key = lambda r: (r["size"], r["batch"], r["cfg"], r["draw"], r.get("precision", "fp32"))  # noqa: E731
     base = {key(r): r for r in rows if r["variant"] == "raster" and r["kv_cache"] and r["steps"] == n}
     for r in rows:
         if key(r) in base:
@@ -225,7 +229,8 @@ def targets(rows: list[dict], n: int) -> dict:
     for variant, steps, goal in (("arpg", scaled(32, n), 8.0), ("randar", scaled(88, n), 2.5)):
         for r in rows:
             if r["variant"] == variant and r["steps"] == steps and r["kv_cache"] and "speedup_vs_raster" in r:
-                k = f"{variant} {steps} steps, {r['size']}, batch {r['batch']}, cfg {r['cfg']:g}, {r['draw']}"
+                k = (f"{variant} {steps} steps, {r['size']}, batch {r['batch']}, cfg {r['cfg']:g}, {r['draw']}, "
+                     f"{r.get('precision', 'fp32')}")
                 met = "met" if r["speedup_vs_raster"] >= goal else "NOT met"
                 out[k] = (f"{r['speedup_vs_raster']}x (target {goal:g}x: {met}; "
                           f"in CPU time {r.get('speedup_cpu', '-')}x)")

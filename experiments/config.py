@@ -125,6 +125,8 @@ class SampleConfig:  # empty / 0 = the ordering's default
     top_k: int = 0
     top_p: float = 1.0
     mode: str = "official"  # official | consistent
+    draw: str = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
+    precision: str = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights samples)
 
 
 @dataclass

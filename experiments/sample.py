@@ -25,7 +25,12 @@ def knob_name(module, settings, seed: int, n: int) -> str:
     s = settings
     variant = type(module).__name__.replace("Module", "").lower()
     return (f"{variant}_steps{s.num_steps}-{s.schedule}_cfg{s.cfg_scale:g}-{s.cfg_schedule}-p{s.cfg_power:g}"
-            f"_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_{s.mode}_seed{seed}_n{n}")
+            f"_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_{s.mode}{non_default(s)}_seed{seed}_n{n}")
+
+
+def non_default(s) -> str:
+    """The draw and precision, only where they differ from the defaults (older file names stay valid)."""
+    return (f"_{s.draw}" if s.draw != "multinomial" else "") + (f"_{s.precision}" if s.precision != "fp32" else "")
 
 
 def parse_overrides(items: list[str]) -> dict:

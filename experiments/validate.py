@@ -121,6 +121,8 @@ def validate(cfg: DictConfig) -> None:
     _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
     _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
     _choice(s.mode, ("official", "consistent"), "sample.mode")
+    _choice(s.draw, ("", "multinomial", "inverse_cdf"), "sample.draw")
+    _choice(s.precision, ("", "fp32", "bf16"), "sample.precision")
 
     c = cfg.callbacks
     _unit(c.ema_decay, "callbacks.ema_decay")

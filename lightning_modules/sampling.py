@@ -8,10 +8,13 @@ CFG doubles the batch to [cond ; null] only when some step's scale differs from 
 """
 from __future__ import annotations
 
+import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 
 from lightning_modules.schedules import cfg_scale
 
@@ -55,9 +58,35 @@ class SampleSettings:
     top_p: float = 1.0
     mode: str = "official"
     draw: str = "multinomial"  # multinomial (the reference random stream) | inverse_cdf (fast on CPU; see below)
+    precision: str = "fp32"  # fp32 | bf16: the backbone's weights and activations while sampling (sampling_backbone)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def sampling_backbone(backbone: nn.Module, precision: str) -> nn.Module:
+    """The backbone to sample with: itself for fp32, else a copy whose *parameters* are cast (bf16, as the official
+    LlamaGen / RandAR / ARPG samplers cast their GPT). Buffers stay fp32 (RoPE angles), and the norms and RoPE
+    compute in fp32 as in training. A copy, not an in-place cast, because casting the trained fp32 weights would
+    lose their low bits for good. It is cached per backbone and rebuilt when any parameter changed since (an
+    optimizer step, an EMA swap or a load bumps the tensors' version counters)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"sample.precision: unknown precision {precision!r} (choose from {list(PRECISIONS)})")
+    dtype = PRECISIONS[precision]
+    params = list(backbone.parameters())
+    if all(p.dtype == dtype for p in params):
+        return backbone
+    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+    cached = _LOW_PRECISION_COPIES.get(backbone)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    low = copy.deepcopy(backbone).eval()
+    for p in low.parameters():
+        p.data = p.data.to(dtype)
+    _LOW_PRECISION_COPIES[backbone] = (key, low)
+    return low
 
 
 def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -103,7 +132,7 @@ def generate(module, labels: torch.Tensor, settings: SampleSettings, generator: 
     draw: replaces the random draw (parity traces force tokens); recorder: receives every step's tensors.
     order: an explicit decode order [B, N] (known positions first), overriding the ordering's own draw.
     """
-    backbone = module.backbone
+    backbone = sampling_backbone(module.backbone, settings.precision)
     B, N = labels.shape[0], backbone.num_positions
     device = labels.device
     plan = module.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order)
@@ -131,7 +160,7 @@ def generate(module, labels: torch.Tensor, settings: SampleSettings, generator: 
     for t, n in enumerate(plan.counts):
         state.step = t
         seq = module.decode_step(state, n)
-        logits = backbone(seq, cache)  # [B*reps, n, V]
+        logits = backbone(seq, cache).float()  # [B*reps, n, V]; CFG mix and draw in fp32 at any precision
         positions = state.order[:B, state.done: state.done + n]  # [B, n]
         if use_cfg:
             cond, uncond = logits.chunk(2)

@@ -23,6 +23,7 @@ def test_cli_all_sections_write_json_and_markdown(tmp_path):
     out = str(tmp_path / "bench" / "all.json")
     rc = bench_main(["all", "--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0",
                      "--peak-sizes", "64", "--no-sweep", "--batch", "2", "--draws", "multinomial", "--threads", "1",
+                     "--precisions", "fp32,bf16",
                      "--data-workers", "0", "--data-batches", "1", "--data-batch-size", "4", "--out", out])
     assert rc == 0
     res = json.load(open(out))
@@ -40,6 +41,9 @@ def test_cli_all_sections_write_json_and_markdown(tmp_path):
     assert {(r["variant"], r["steps"]) for r in sample} >= {("raster", 16), ("randar", 6), ("arpg", 4), ("arpg", 2)}
     assert all(r["images_per_s"] > 0 and "speedup_vs_raster" in r for r in sample)
     assert res["sample"]["targets"]
+    cached = [r for r in sample if r["kv_cache"]]
+    assert {r["precision"] for r in cached} == {"fp32", "bf16"}  # each compared with raster at its own precision
+    assert any(k.endswith("bf16") for k in res["sample"]["targets"])
     assert res["data"]["results"][0]["workers"] == 0 and res["data"]["results"][0]["images_per_s"] > 0
     md = open(str(tmp_path / "bench" / "all.md")).read()
     for heading in ("# roar benchmark (all)", "## Training step", "## Sampling", "## Data loading", "matmul peak"):

@@ -53,6 +53,8 @@ def build_lightning_module(cfg: DictConfig, grid: tuple[int, int]):
     optim = to_plain(cfg.optim)
     if cfg.trainer.compile:  # ARModule.configure_model compiles the backbone's training forward
         optim["compile"] = True
+    if cfg.trainer.strategy.endswith("_offload"):  # ZeRO-Offload takes only DeepSpeed's CPU Adam as client optimizer
+        optim["cpu_adam"] = True
     return build_module(model, tokenizer_spec(cfg), optim=optim, sample=sample_spec(cfg), seed=cfg.seed,
                         max_steps=cfg.trainer.max_steps)
 

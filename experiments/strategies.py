@@ -34,12 +34,6 @@ def on_gpu(cfg: DictConfig) -> bool:
     return a in ("gpu", "cuda") or (a == "auto" and torch.cuda.is_available())
 
 
-def warmup_steps(cfg: DictConfig) -> int:
-    """optim.warmup_steps as a step count (< 1 is a fraction of max_steps), as ARModule.lr_multiplier reads it."""
-    w = cfg.optim.warmup_steps
-    return int(w * cfg.trainer.max_steps) if w < 1 else int(w)
-
-
 def deepspeed_config(cfg: DictConfig) -> dict:
     """The DeepSpeed config dict for trainer.strategy (one of ZERO)."""
     t, o = cfg.trainer, cfg.optim
@@ -57,28 +51,10 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         "bf16": {"enabled": t.precision.startswith("bf16")},
     }
     if offload:
-        # ZeRO-Offload refuses a client torch optimizer (ENVIRONMENT.md §3): AdamW is declared here and built
-        # by DeepSpeed (DeepSpeedCPUAdam, JIT-compiled on first use); Lightning then skips configure_optimizers,
-        # so the LR schedule comes from the config too. One param group: weight decay applies to every tensor.
+        # The optimizer is still ours (ARModule.configure_optimizers: the same two parameter groups and LR schedule
+        # as every other strategy), as DeepSpeedCPUAdam: ZeRO-Offload refuses a torch optimizer (ENVIRONMENT.md §3)
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu(cfg)}
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": float(o.lr), "betas": [float(b) for b in o.betas], "eps": 1e-8,
-            "weight_decay": float(o.weight_decay)}}
-        config["scheduler"] = lr_scheduler_config(cfg)
     return config
-
-
-def lr_scheduler_config(cfg: DictConfig) -> dict:
-    """DeepSpeed's equivalent of ARModule.lr_multiplier: linear warmup, then cosine to min_lr_ratio or constant."""
-    o, warmup = cfg.optim, warmup_steps(cfg)
-    # DeepSpeed wants >= 1 warmup step; "no warmup" is one step that already starts at the full rate
-    start = 0.0 if warmup else 1.0
-    if o.schedule == "constant":
-        return {"type": "WarmupLR", "params": {"warmup_min_lr": start * float(o.lr), "warmup_max_lr": float(o.lr),
-                                               "warmup_num_steps": max(1, warmup), "warmup_type": "linear"}}
-    return {"type": "WarmupCosineLR", "params": {
-        "total_num_steps": int(cfg.trainer.max_steps), "warmup_num_steps": max(1, warmup),
-        "warmup_min_ratio": start, "warmup_type": "linear", "cos_min_ratio": float(o.min_lr_ratio)}}
 
 
 def deepspeed_strategy(cfg: DictConfig):

@@ -189,8 +189,13 @@ class ARModule(L.LightningModule):
             (decay if p.ndim >= 2 and not any(s in name for s in no_decay_names) else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.get("weight_decay", 0.05)},
                   {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=o.get("lr", 1e-4), betas=tuple(o.get("betas", (0.9, 0.95))),
-                                fused=o.get("fused", False) or None)
+        lr, betas = o.get("lr", 1e-4), tuple(o.get("betas", (0.9, 0.95)))
+        if o.get("cpu_adam"):  # ZeRO-Offload (experiments/strategies.py): the same AdamW, as DeepSpeed's CPU kernel
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=1e-8, adamw_mode=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=o.get("fused", False) or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -100,3 +100,20 @@ def test_zero_checkpoints_export_and_sample_without_deepspeed(zero_runs, tmp_pat
     results = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
     for result in results:
         assert result["shape"] == [4, 8, 8] and 0 <= result["max"] < result["vocab"]
+
+
+@pytest.mark.slow
+def test_zero3_offload_trains_with_our_param_groups_and_lr_schedule(tmp_path):
+    """ZeRO-Offload takes DeepSpeedCPUAdam as the client optimizer: the same two groups (no weight decay on norms
+    and biases) and the same LambdaLR schedule as every other strategy, not a one-group optimizer from the config."""
+    import torch
+
+    metrics, _ = train(tmp_path, "offload", "trainer.devices=1", "trainer.strategy=deepspeed_stage_3_offload",
+                       "callbacks.ema_decay=0.0", "optim.weight_decay=0.05", "optim.lr=3e-4", "optim.min_lr_ratio=0.05")
+    assert metrics["steps"] == STEPS and metrics["val_nll_bits"] is not None
+    ckpt = tmp_path / "offload" / "checkpoints" / "last.ckpt" / "checkpoint"
+    saved = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False, map_location="cpu")  # DeepSpeed pickles its optimizer state
+    groups = saved["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    # ARModule.lr_multiplier after the last of STEPS steps: the cosine has reached min_lr_ratio
+    assert all(g["initial_lr"] == 3e-4 and abs(g["lr"] - 3e-4 * 0.05) < 1e-9 for g in groups)

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator="cpu", devices=1, max_steps=train["max_steps"] * steps_per_batch, max_epochs=-1,
         logger=TensorBoardLogger(args.out, name="tb", version=""), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, callbacks=[rfid],
+        deterministic=True,  # with 2+ CPU threads some kernels otherwise reduce in a varying order: runs differ
         check_val_every_n_epoch=train["val_every_epochs"], num_sanity_val_steps=0)
     start = time.time()
     trainer.fit(module, train_dl, val_dl)

@@ -1,0 +1,115 @@
+"""GPU-only checks (`make test-gpu` = pytest -m gpu; skipped without CUDA): the training forward on CUDA against
+the CPU, bf16 autocast and bf16 sampling, the flash SDPA kernel on the shapes a raster decode produces, and
+Lightning's stock DeepSpeed strategy and bf16-mixed training for real.
+
+ROAR_TEST_DEVICE=cpu runs the device-independent parts on the CPU (a check of the test code itself on machines
+without a GPU; the DeepSpeed/Lightning GPU runs stay skipped there).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, VALID, make_module
+from lightning_modules.sampling import generate
+
+DEVICE = os.environ.get("ROAR_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+N, V = 16, 11
+
+
+def inputs(m, B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes, labels = torch.randint(0, V, (B, N), generator=g), torch.randint(0, 5, (B,), generator=g)
+    order = torch.rand(B, N, generator=g).argsort(-1)
+    if type(m).__name__.lower().startswith(("raster", "rar")):
+        order = torch.arange(N).expand(B, -1)
+    return codes, labels, order
+
+
+def forward(m, codes, labels, order, device):
+    seq, _ = m.train_inputs(codes.to(device), labels.to(device), 0, None, order=order.to(device))
+    with torch.no_grad():
+        return m.backbone(seq).float()
+
+
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_device_forward_matches_cpu_and_bf16_autocast_stays_close(variant, flavour):
+    m = make_module(variant, flavour)
+    codes, labels, order = inputs(m)
+    ref = forward(m, codes, labels, order, "cpu")
+    m.to(DEVICE)
+    out = forward(m, codes, labels, order, DEVICE).cpu()
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()  # TF32 is off by default for matmuls
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        low = forward(m, codes, labels, order, DEVICE).cpu()
+    assert torch.isfinite(low).all() and (low - ref).abs().mean() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_bf16_sampling_on_device_generates_every_position_once(variant, flavour):
+    m = make_module(variant, flavour).to(DEVICE)
+    labels = torch.tensor([0, 1, 2, 4], device=DEVICE)
+    steps = []
+    settings = m.sample_settings(num_steps=5 if variant in ("randar", "arpg") else N, cfg_scale=3.0, precision="bf16")
+    codes = generate(m, labels, settings, torch.Generator(DEVICE).manual_seed(0), recorder=steps.append)
+    assert codes.shape == (4, N) and codes.device.type == torch.device(DEVICE).type
+    assert int(codes.min()) >= 0 and int(codes.max()) < V
+    seen = torch.cat([s["positions"] for s in steps], 1).sort(-1).values.cpu()
+    assert torch.equal(seen, torch.arange(N).expand(4, -1))
+
+
+@pytest.mark.parametrize("variant", ["raster", "rar"])
+def test_one_token_decode_steps_run_on_the_flash_kernel(variant):
+    """Every raster/RAR decode step feeds one slot, which attention runs unmasked (CacheSet.prepare), so the whole
+    bf16 generation works with SDPA restricted to the flash kernel (an explicit mask would rule it out)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = make_module(variant).to(DEVICE)
+    labels = torch.tensor([0, 3], device=DEVICE)
+    settings = m.sample_settings(cfg_scale=2.0, precision="bf16")
+    expected = generate(m, labels, settings, torch.Generator(DEVICE).manual_seed(0))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = generate(m, labels, settings, torch.Generator(DEVICE).manual_seed(0))
+    assert flash.shape == expected.shape and (flash == expected).float().mean() > 0.9  # same path up to bf16 ties
+
+
+def train_run(tmp_path, name: str, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
+           "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=4", "trainer.global_batch_size=8",
+           "trainer.val_every_steps=1000", "trainer.ckpt_every_steps=1000", "trainer.limit_val_batches=1",
+           "callbacks.sample_every_steps=0", "resume=never", f"out_dir={tmp_path}", f"name={name}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    with open(os.path.join(tmp_path, name, "metrics.json")) as f:
+        return json.load(f)
+
+
+@needs_cuda
+def test_bf16_mixed_training_on_one_gpu(tmp_path):
+    metrics = train_run(tmp_path, "bf16", "trainer.precision=bf16-mixed")
+    assert metrics["steps"] == 4 and 0 < metrics["val_nll_bits"] < 20
+
+
+@needs_cuda
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stock_deepspeed_strategy_trains_on_one_gpu(tmp_path, stage):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from experiments.config import load_config
+    from experiments.strategies import deepspeed_strategy
+
+    cfg = load_config([os.path.join(REPO, "experiments/configs/debug_raster.yaml")],
+                      ["trainer.accelerator=gpu", f"trainer.strategy=deepspeed_stage_{stage}"])
+    assert type(deepspeed_strategy(cfg)) is DeepSpeedStrategy  # the stock class, not the CPU subclass
+    metrics = train_run(tmp_path, f"zero{stage}", f"trainer.strategy=deepspeed_stage_{stage}",
+                        "trainer.precision=bf16-mixed", "callbacks.ema_decay=0.0")
+    assert metrics["steps"] == 4 and 0 < metrics["val_nll_bits"] < 20

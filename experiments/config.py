@@ -176,6 +176,15 @@ def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(key, msg)
 
 
+def _is_string_field(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is a typed ``str`` field of the structured config (its command-line value is taken verbatim)."""
+    from omegaconf import StringNode
+
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    return isinstance(parent, DictConfig) and isinstance(parent._get_node(leaf), StringNode)
+
+
 def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictConfig:
     """Defaults <- each YAML in order <- dotlist overrides; then ``validate``. Raises ConfigError."""
     cfg = OmegaConf.structured(ExperimentConfig)
@@ -194,7 +203,12 @@ def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictCo
         if "=" not in item:
             raise ConfigError(item, "override must look like key.sub=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            key, _, raw = item.partition("=")
+            if _is_string_field(cfg, key):  # YAML would read name=off as False and tokenizer.path=1e3 as 1000.0
+                quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+                OmegaConf.update(cfg, key, raw[1:-1] if quoted else raw, merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _omegaconf_error(err, "command line") from None
     from experiments.validate import validate

@@ -110,6 +110,17 @@ def test_malformed_config_names_the_key(overrides, key):
     assert message.startswith(key) or f" {key}" in message or key in message.split(":")[0], message
 
 
+def test_command_line_strings_are_taken_verbatim():
+    """YAML would turn name=off into False ("False" on disk) and a path like 1e3 into 1000.0; str fields keep the
+    text as typed (one level of quotes stripped), every other field is still parsed and type-checked."""
+    cfg = load_config([DEMO], ["name=off", "tokenizer.path=1e3", "data.root='yes'", "trainer.max_steps=7",
+                               "model.class_dropout=0.25"])
+    assert (cfg.name, cfg.tokenizer.path, cfg.data.root) == ("off", "1e3", "yes")
+    assert cfg.trainer.max_steps == 7 and cfg.model.class_dropout == 0.25
+    with pytest.raises(ConfigError, match="trainer.max_steps"):
+        load_config([DEMO], ["trainer.max_steps=off"])
+
+
 def test_malformed_yaml_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {variant: raster\n")

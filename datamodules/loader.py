@@ -42,6 +42,7 @@ class _EpochIterator:
 
     def __init__(self, loader: "EpochLoader"):
         self.loader, self.it = loader, None
+        self.replayed_skips: dict[int, int] = {}  # worker -> its running skip count at the end of a replay
 
     def __iter__(self):
         return self
@@ -51,8 +52,14 @@ class _EpochIterator:
             replay = self.loader._begin_pass()
             self.it = DataLoader.__iter__(self.loader)
             for _ in range(replay):  # resumed mid-epoch: regenerate the batches already trained on, drop them
-                self.loader.tracker.update(next(self.it))
+                done = next(self.it)
+                if isinstance(done, dict) and "_skipped" in done:
+                    w = int(done["_worker"])
+                    self.replayed_skips[w] = max(self.replayed_skips.get(w, 0), int(done["_skipped"]))
         batch = next(self.it)
+        if self.replayed_skips and isinstance(batch, dict) and "_skipped" in batch:
+            # the checkpoint's totals already hold the replayed batches' skips: report only those since the resume
+            batch["_skipped"] = int(batch["_skipped"]) - self.replayed_skips.get(int(batch["_worker"]), 0)
         self.loader.tracker.update(batch)
         self.loader._epochs.batches += 1
         return batch

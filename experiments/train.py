@@ -87,7 +87,8 @@ def run(cfg, quiet: bool = False) -> dict:
         "steps": trainer.global_step, "tokens_seen": trainer.global_step * cfg.trainer.global_batch_size * module.num_positions,
         "fit_seconds": round(time.time() - start, 2), "resumed_from": ckpt or "",
         "train_loss": metrics.get("train/loss"), "val_nll_bits": metrics.get("val/nll"),
-        "data_skipped": getattr(stats, "final_skipped", None), "nonfinite_skipped": module.nonfinite_total,
+        "data_skipped": getattr(stats, "final_skipped", None), "images_seen": getattr(stats, "final_images_seen", None),
+        "nonfinite_skipped": module.nonfinite_total,
         "metrics": metrics, "run_dir": run_dir,
     }
     if fid is not None:

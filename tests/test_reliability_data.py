@@ -13,6 +13,8 @@ import json
 import os
 import tarfile
 
+import pytest
+
 from conftest import REPO
 from data_helpers import truncate_inside
 from experiments.config import load_config
@@ -135,3 +137,30 @@ def test_corrupt_shards_are_skipped_counted_exactly_and_logged(tmp_path, monkeyp
     logged = events.Scalars("data/skipped")
     assert logged[-1].step >= 99 and logged[-1].value == oracle.events  # the last log covers the last batch
     assert all(a.value <= b.value for a, b in zip(logged, logged[1:]))  # a running total
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_count_survives_a_mid_epoch_resume_exactly(tmp_path, workers):
+    """Stopped at step 30 (mid-epoch, 2 steps after the last logged all-reduce) and resumed to 75: data_skipped and
+    images_seen equal an uninterrupted run's. The resumed loader regenerates the 30 batches it already served
+    (their skips are in the checkpoint) and must not count them again."""
+    from experiments.train import run
+
+    train, val, _, _ = write_digit_shards(str(tmp_path / "shards"))
+
+    def cfg(name: str, steps: int):
+        return load_config([DEMO], [
+            "model.size=debug", f"out_dir={tmp_path}", f"name={name}", "trainer.accelerator=cpu",
+            "data.kind=images", f"data.train_shards={train}", f"data.val_shards={val}", "data.image_size=8",
+            "data.samples_per_epoch=400", f"data.num_workers={workers}", "trainer.global_batch_size=8",
+            f"trainer.max_steps={steps}", "trainer.log_every_steps=7", "trainer.val_every_steps=1000",
+            "trainer.limit_val_batches=1", "trainer.ckpt_every_steps=30", "callbacks.sample_every_steps=0",
+            "resume=auto"])
+
+    whole = run(cfg("whole", 75), quiet=True)
+    run(cfg("parts", 30), quiet=True)
+    resumed = run(cfg("parts", 75), quiet=True)
+    metrics = {name: json.load(open(os.path.join(str(tmp_path), name, "metrics.json"))) for name in ("whole", "parts")}
+    assert whole["data_skipped"] > 0 and resumed["steps"] == 75
+    assert metrics["parts"]["data_skipped"] == metrics["whole"]["data_skipped"]
+    assert metrics["parts"]["images_seen"] == metrics["whole"]["images_seen"] == 75 * 8

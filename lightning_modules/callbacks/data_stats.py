@@ -6,9 +6,10 @@ survives DataLoader worker processes. Per rank: max per worker within a pass, su
 ranks: an all-reduce every ``every_n_batches`` training batches (all ranks reach it together, since the shard
 DataModules give every rank the same number of batches) and once at the end of training.
 
-After ``fit``, ``final_skipped`` / ``final_images_seen`` hold the global totals for metrics.json. Checkpoints
-store the totals of the last all-reduce (no collective inside checkpointing, which can run on one rank
-only), so a resumed run continues from there, short of the counts since that last logged step.
+After ``fit``, ``final_skipped`` / ``final_images_seen`` hold the global totals for metrics.json. The totals are
+all-reduced after every training batch and checkpoints store them (no collective inside checkpointing, which can
+run on one rank only), so a resumed run continues from the exact count; the resumed loader reports only skips
+after the resume point (datamodules/loader.py), not those of the batches it regenerates.
 """
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ class DataStatsCallback(Callback):
             self.train_tracker.new_pass()
         self.train_tracker.update(batch)
         self.local_images += batch_size_of(batch)
+        # every batch: a checkpoint saved after this batch (ModelCheckpoint runs after this callback, SlurmRequeue at
+        # any step) then holds exact totals; two int64s per step next to the gradient all-reduce
+        skipped, images = self._global(trainer, pl_module)
         every = self.every_n_batches or trainer.log_every_n_steps or 50
         if (batch_idx + 1) % every == 0:
-            skipped, images = self._global(trainer, pl_module)
             pl_module.log("data/skipped", float(skipped), on_step=True, on_epoch=False, batch_size=1)
             pl_module.log("data/images_seen", float(images), on_step=True, on_epoch=False, batch_size=1)
 

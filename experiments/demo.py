@@ -112,7 +112,8 @@ def main(argv=None) -> int:
         rows.append({"variant": variant, "tokenizer": f"{cfg.tokenizer.kind} ({module.backbone.vocab_size})",
                      "val_nll": f"{result['val_nll_bits']:.4f}", f"fid{FID_SAMPLES}": f"{fid:.1f}",
                      "steps": module.sample_settings().num_steps, "images_per_s": f"{ips:.1f}",
-                     "params_M": f"{result['params'] / 1e6:.2f}", "train_s": result["fit_seconds"], "grid": grid})
+                     "params_M": f"{result['params'] / 1e6:.2f}", "train_s": result["fit_seconds"], "grid": grid,
+                     "run": cfg.name})
     cols = [("variant", "variant"), ("tokenizer (vocab)", "tokenizer"), ("val NLL (bits/token)", "val_nll"),
             (f"FID{FID_SAMPLES}", f"fid{FID_SAMPLES}"), ("sampling steps", "steps"), ("images/s", "images_per_s"),
             ("params (M)", "params_M"), ("train s", "train_s")]
@@ -122,9 +123,8 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "table.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print("\n" + table + "\n")
-    for row, (variant, weights) in zip(rows, arms):
-        name = arm_config(variant, a.steps, a.out, vq_weights=weights).name
-        print(f"demo: {name}: samples {row['grid']}, run {a.out}/{name}/ (TensorBoard: tb/)")
+    for row in rows:
+        print(f"demo: {row['run']}: samples {row['grid']}, run {a.out}/{row['run']}/ (TensorBoard: tb/)")
     zero_shot_and_ablation(a)
     print(f"demo: done in {time.time() - t0:.0f} s; table in {a.out}/table.md; "
           f"view the curves with: .venv/bin/tensorboard --logdir {a.out}")

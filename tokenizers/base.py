@@ -62,3 +62,22 @@ def check_fingerprint(expected: str, found: str, where: str) -> None:
         raise TokenizerMismatchError(
             f"{where}: tokenizer fingerprint {found} does not match the configured tokenizer {expected}"
         )
+
+
+def check_images(images: torch.Tensor, who: str, downsample: int) -> None:
+    """One-line errors for anything but uint8 [B, 3, H, W] with H, W divisible by the downsampling."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise TypeError(f"{who}.encode: expected uint8 images [B,3,H,W], got {getattr(images, 'dtype', type(images))}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{who}.encode: expected images [B,3,H,W], got shape {list(images.shape)}")
+    if images.shape[2] % downsample or images.shape[3] % downsample:
+        raise ValueError(f"{who}.encode: image size {images.shape[2]}x{images.shape[3]} not divisible by {downsample}")
+
+
+def check_codes(codes: torch.Tensor, who: str, vocab_size: int) -> None:
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.dtype.is_floating_point:
+        raise ValueError(f"{who}.decode: expected integer codes [B,h,w], got "
+                         f"{getattr(codes, 'dtype', type(codes))} {list(getattr(codes, 'shape', []))}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
+        raise ValueError(f"{who}.decode: codes outside [0, {vocab_size}): min {int(codes.min())}, "
+                         f"max {int(codes.max())}")

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.base import ImageTokenizer
-from tokenizers.vq import check_codes, check_images, group_norm
+from tokenizers.base import ImageTokenizer, check_codes, check_images
+from tokenizers.vq import group_norm
 
 PRESETS: dict[str, dict] = {
     # The released tokenizer: 1024 x 256 codebook, 256 px -> 16x16 codes, 54.5M params.

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenizers.base import ImageTokenizer
+from tokenizers.base import ImageTokenizer, check_codes, check_images
 
 USAGE_RING = 65536  # length of the official ``codebook_used`` ring buffer
 
@@ -134,6 +134,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def run_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level of the encoder or decoder: its res blocks, each followed by its attention block where
+    the level has them (the lowest resolution only)."""
+    for j, res in enumerate(level.res):
+        h = res(h)
+        if len(level.attn):
+            h = level.attn[j](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: list[int], z_channels: int, num_res_blocks: int = 2, dropout: float = 0.0):
         super().__init__()
@@ -162,10 +172,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, z, H/f, W/f]
         h = self.conv_in(x)
         for level in self.conv_blocks:
-            for j, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         for block in self.mid:
@@ -206,10 +213,7 @@ class Decoder(nn.Module):
         for block in self.mid:
             h = block(h)
         for level in self.conv_blocks:
-            for j, res in enumerate(level.res):
-                h = res(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
+            h = run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
@@ -283,25 +287,6 @@ class VectorQuantizer(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes long [B, h, w] -> codebook vectors [B, D, h, w]."""
         return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
-
-
-def check_images(images: torch.Tensor, who: str, downsample: int) -> None:
-    """One-line errors for anything but uint8 [B, 3, H, W] with H, W divisible by the downsampling."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        raise TypeError(f"{who}.encode: expected uint8 images [B,3,H,W], got {getattr(images, 'dtype', type(images))}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"{who}.encode: expected images [B,3,H,W], got shape {list(images.shape)}")
-    if images.shape[2] % downsample or images.shape[3] % downsample:
-        raise ValueError(f"{who}.encode: image size {images.shape[2]}x{images.shape[3]} not divisible by {downsample}")
-
-
-def check_codes(codes: torch.Tensor, who: str, vocab_size: int) -> None:
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.dtype.is_floating_point:
-        raise ValueError(f"{who}.decode: expected integer codes [B,h,w], got "
-                         f"{getattr(codes, 'dtype', type(codes))} {list(getattr(codes, 'shape', []))}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
-        raise ValueError(f"{who}.decode: codes outside [0, {vocab_size}): min {int(codes.min())}, "
-                         f"max {int(codes.max())}")
 
 
 class LlamaGenVQ(ImageTokenizer):

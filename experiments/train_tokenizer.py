@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
     from experiments.fid_setup import ensure_digits_extractor
-    from lightning_modules.callbacks.rfid import ReconstructionFID, reconstruction_fid
+    from lightning_modules.callbacks.rfid import ReconstructionFID
     from lightning_modules.metrics.extractors import load_extractor
     from lightning_modules.official.checkpoint_io import save_tokenizer
     from lightning_modules.tokenizer import VQTokenizerModule, reconstruction_grid
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = module.vq.eval()
     weights, _ = save_tokenizer(tokenizer, args.out, kind="llamagen_vq")
     metrics, rec = evaluate(tokenizer, x_val)
-    metrics["val_rfid"] = reconstruction_fid(extractor, x_val, rec)
+    metrics["val_rfid"] = rfid.score(rec)  # the originals' statistics are the callback's, computed once
     metrics["rfid_images"] = len(x_val)
     metrics.update({"steps": train["max_steps"], "train_seconds": round(seconds, 1),
                     "grid": list(tokenizer.grid(data["image_size"], data["image_size"])),

@@ -49,11 +49,14 @@ class ReconstructionFID(Callback):
         self._reference: dict | None = None
         self.last: float | None = None
 
+    def score(self, reconstructions: torch.Tensor) -> float:
+        """rFID of ``reconstructions`` (uint8, in the order of ``images``) against the cached originals' statistics."""
+        if self._reference is None:
+            self._reference = _stats(self.extractor, self.images, self.batch_size)
+        return reconstruction_fid(self.extractor, self.images, reconstructions, self.batch_size, self._reference)
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        if self._reference is None:
-            self._reference = _stats(self.extractor, self.images, self.batch_size)
-        recon = reconstruct_all(pl_module.reconstruct, self.images, pl_module.device, self.batch_size)
-        self.last = reconstruction_fid(self.extractor, self.images, recon, self.batch_size, self._reference)
+        self.last = self.score(reconstruct_all(pl_module.reconstruct, self.images, pl_module.device, self.batch_size))
         pl_module.log("val/rfid", self.last)

@@ -36,7 +36,7 @@ EVAL_CACHE = "ablation_eval.json"
 
 @dataclass
 class SweepAxes:
-    variants: list = field(default_factory=lambda: ["raster", "rar", "randar", "arpg"])
+    variants: list = field(default_factory=list)  # [] = every registered ordering (lightning_modules/variants.py)
     sizes: list = field(default_factory=list)  # [] = the base preset's model.size
     seeds: list = field(default_factory=lambda: [0])
     decode_steps: list = field(default_factory=lambda: [0])  # 0 = the ordering's default
@@ -103,7 +103,11 @@ def load_sweep(path: str, overrides: list[str] = ()) -> DictConfig:
     sweep.base = _resolve_path(sweep.base, path)
     sweep.name = sweep.name or os.path.splitext(os.path.basename(path))[0]
     sweep.out_dir = sweep.out_dir or os.path.join("runs", "ablations", sweep.name)
-    for key in ("variants", "seeds", "decode_steps", "cfg_scales", "schedules"):
+    if not len(sweep.axes.variants):
+        from lightning_modules.variants import variant_names
+
+        sweep.axes.variants = variant_names()
+    for key in ("seeds", "decode_steps", "cfg_scales", "schedules"):
         if not len(sweep.axes[key]):
             raise ConfigError(f"axes.{key}", "must list at least one value")
     return sweep
@@ -231,7 +235,8 @@ def evaluation_settings(module, sweep: DictConfig) -> tuple[list[dict], list[str
                         "cfg_scale": float(cfg_scale)}
                 s = module.sample_settings(**over)
                 try:  # the ordering's own plan says whether it can run this setting
-                    module.decode_plan(1, s.num_steps, s.schedule, torch.Generator(module.device).manual_seed(0))
+                    module.ordering.decode_plan(1, s.num_steps, s.schedule,
+                                                torch.Generator(module.device).manual_seed(0), device=module.device)
                 except ValueError as err:
                     skipped.append(f"schedule={schedule or 'default'} steps={steps or 'default'}: {err}")
                     continue

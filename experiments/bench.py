@@ -22,8 +22,14 @@ import time
 
 import torch
 
-VARIANTS = ("raster", "rar", "randar", "arpg")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def runnable_variants(flavour: str) -> list[str]:
+    """Every registered ordering that declares the backbone flavour (lightning_modules/variants.py)."""
+    from lightning_modules.variants import capabilities, variant_names
+
+    return [v for v in variant_names() if flavour in capabilities(v).flavours]
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -209,7 +215,7 @@ def run(a, argv) -> int:
     torch.manual_seed(0)
     results = {"command": a.what, "argv": " ".join(["python -m experiments.bench"] + list(argv or sys.argv[1:])),
                "machine": machine_info(a.device)}
-    variants = [v for v in a.variants.split(",") if v] or list(VARIANTS if a.flavour == "llama" else VARIANTS[:2])
+    variants = [v for v in a.variants.split(",") if v] or runnable_variants(a.flavour)
     peak_sizes = tuple(int(n) for n in a.peak_sizes.split(","))
     seconds = results["seconds"] = {}
     if a.what in ("train", "all"):

@@ -141,9 +141,15 @@ def scaled(steps_of_256: int, n: int) -> int:
 
 def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tuple[int, bool]]:
     """(num_steps, headline?) per variant: the paper settings, then the sweep (multi-token orderings only)."""
-    if variant in ("raster", "rar"):
-        return [(n, True)]  # one token per step by construction
-    heads = [scaled(88, n)] if variant == "randar" else [scaled(64, n), scaled(32, n)]
+    import math
+
+    from lightning_modules.variants import build_ordering
+
+    side = math.isqrt(n)
+    ordering = build_ordering(variant, (side, n // side))
+    heads = ordering.headline_steps(n)
+    if not ordering.capabilities.parallel:
+        return [(s, True) for s in heads]  # one token per step by construction
     extra = [] if no_sweep else [s for s in (sweep or [scaled(k, n) for k in (16, 32, 64, 128, 256)])
                                  if s not in heads and 1 <= s <= n]
     return [(s, True) for s in heads] + [(s, False) for s in sorted(set(extra))]

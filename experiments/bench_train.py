@@ -51,8 +51,7 @@ def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int =
                  f"model.num_classes={num_classes}", "tokenizer.kind=codes", f"tokenizer.vocab_size={vocab}",
                  f"trainer.compile={str(bool(compile)).lower()}"] + [f"model.{k}={v}" for k, v in dims.items()]
     module = build_lightning_module(load_config([], overrides), (grid, grid))
-    if fused_adam:
-        module.optim["fused"] = True
+    module.fused_adam = fused_adam
     return module.to(device)
 
 
@@ -101,7 +100,7 @@ def forward_flops(backbone: nn.Module, seq) -> dict:
 
 def train_flops(module, codes: torch.Tensor, labels: torch.Tensor) -> dict:
     """Model FLOPs of one training step (3 x forward) for this ordering's training layout."""
-    seq, _ = module.train_inputs(codes, labels, 0, module.generator(0))
+    seq, _ = module.ordering.train_inputs(codes, labels, 0, module.generator(0))
     fwd = forward_flops(module.backbone, seq)
     return {"slots": seq.kind.shape[1], "forward": fwd, "total": 3 * fwd["total"]}
 
@@ -179,7 +178,7 @@ class TrainStep:
         self.codes = torch.randint(0, vocab, (batch, n), generator=g).to(device)
         self.labels = torch.randint(0, module.backbone.num_classes, (batch,), generator=g).to(device)
         self.device, self.dtype = torch.device(device), dtype
-        self.clip = float(module.optim.get("grad_clip", 1.0) or 0.0)
+        self.clip = float(module.optim_cfg.grad_clip or 0.0)
 
     def __call__(self, step: int) -> None:
         m = self.module

@@ -31,32 +31,13 @@ def tokenizer_spec(cfg: DictConfig) -> dict:
     return {"build": {"kind": t.kind, **kwargs}}
 
 
-def model_spec(cfg: DictConfig) -> dict:
-    m = to_plain(cfg.model)
-    options = m.pop(cfg.model.flavour)  # only the chosen flavour's options reach its constructor
-    for flavour in ("llama", "rar_vit"):
-        m.pop(flavour, None)
-    options["grad_checkpointing"] = m.pop("grad_checkpointing")
-    m["backbone"] = options
-    return m
-
-
-def sample_spec(cfg: DictConfig) -> dict:
-    """Sample settings with empty / zero meaning 'the ordering's default' dropped."""
-    s = to_plain(cfg.sample)
-    return {k: v for k, v in s.items() if v not in ("", 0) or k in ("cfg_scale", "top_k", "cfg_power")}
-
-
 def build_lightning_module(cfg: DictConfig, grid: tuple[int, int]):
-    model = model_spec(cfg)
-    model["grid"] = list(grid)
-    optim = to_plain(cfg.optim)
-    if cfg.trainer.compile:  # ARModule.configure_model compiles the backbone's training forward
-        optim["compile"] = True
-    if cfg.trainer.strategy.endswith("_offload"):  # ZeRO-Offload takes only DeepSpeed's CPU Adam as client optimizer
-        optim["cpu_adam"] = True
-    return build_module(model, tokenizer_spec(cfg), optim=optim, sample=sample_spec(cfg), seed=cfg.seed,
-                        max_steps=cfg.trainer.max_steps)
+    """The variant's module from the config's typed sections (the module re-types them: same dataclasses)."""
+    return build_module(to_plain(cfg.model), tokenizer_spec(cfg), optim=to_plain(cfg.optim),
+                        sample=to_plain(cfg.sample), seed=cfg.seed, max_steps=cfg.trainer.max_steps, grid=grid,
+                        compile=cfg.trainer.compile,
+                        # ZeRO-Offload takes only DeepSpeed's CPU Adam as its client optimizer (strategies.py)
+                        cpu_adam=cfg.trainer.strategy.endswith("_offload"))
 
 
 def build_datamodule(cfg: DictConfig, micro_batch: int):

@@ -16,6 +16,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The generator's own settings live beside the module that reads them (one set of defaults); composed here.
+from lightning_modules.hparams import LlamaOptions, ModelConfig, OptimConfig, RarVitOptions, SampleConfig  # noqa: F401
+
 
 class ConfigError(ValueError):
     """A bad config value; ``str(err)`` is one line naming the key."""
@@ -23,39 +26,6 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
-
-
-@dataclass
-class LlamaOptions:  # model.llama.*: options of the LlamaGen-style backbone
-    token_dropout: float = 0.1
-    resid_dropout: float = 0.1
-    ffn_dropout: float = 0.1
-    norm_eps: float = 1e-5
-    rope_base: float = 10000.0
-
-
-@dataclass
-class RarVitOptions:  # model.rar_vit.*: options of RAR's AdaLN ViT backbone
-    dropout: float = 0.1
-    attn_dropout: float = 0.1
-
-
-@dataclass
-class ModelConfig:
-    variant: str = "raster"  # raster | rar | randar | arpg  (the ordering: the only per-method code)
-    flavour: str = "llama"  # llama | rar_vit
-    size: str = "debug"  # debug | small | B | L | XL | XXL
-    dim: int = 0  # 0 = from size
-    n_layer: int = 0
-    n_head: int = 0
-    ffn_hidden: int = 0
-    num_classes: int = 10
-    class_dropout: float = 0.1  # label -> null class, for classifier-free guidance
-    grad_checkpointing: bool = False
-    rar_anneal_start: float = 0.5  # RAR: r = 1 until this fraction of training ...
-    rar_anneal_end: float = 0.75  # ... then linear to 0 here (paper: epochs 200 -> 300 of 400)
-    llama: LlamaOptions = field(default_factory=LlamaOptions)
-    rar_vit: RarVitOptions = field(default_factory=RarVitOptions)
 
 
 @dataclass
@@ -82,19 +52,6 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    weight_decay: float = 0.05
-    warmup_steps: float = 0.05  # < 1: fraction of max_steps
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    no_decay_names: list = field(default_factory=list)
-    max_nonfinite_in_a_row: int = 5
-
-
-@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     global_batch_size: int = 64
@@ -111,22 +68,6 @@ class TrainerConfig:
     compile: bool = False
     deterministic: bool = False
     fast_dev_run: bool = False
-
-
-@dataclass
-class SampleConfig:  # empty / 0 = the ordering's default
-    num_steps: int = 0
-    schedule: str = ""
-    cfg_scale: float = 1.0
-    cfg_schedule: str = ""
-    cfg_power: float = 1.0
-    cfg_start: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    mode: str = "official"  # official | consistent
-    draw: str = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
-    precision: str = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights samples)
 
 
 @dataclass

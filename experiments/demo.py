@@ -26,8 +26,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_PRESET = os.path.join(CONFIGS, "demo", "raster.yaml")
 VQ_OVERLAY = os.path.join(CONFIGS, "demo", "vq_codes.yaml")  # the demo preset on the digits VQ's codes
 VQ_CONFIG = os.path.join(CONFIGS, "tokenizer", "digits_vq.yaml")
-VARIANTS = ("raster", "rar", "randar", "arpg")
-DEMO_SWEEP = os.path.join(CONFIGS, "sweeps", "demo.yaml")
+DEMO_SWEEP = os.path.join(CONFIGS, "sweeps", "demo.yaml")  # its axes.variants are the demo's arms
 FID_SAMPLES = 200  # per arm, class-balanced, the FID callback's protocol (eval_plan)
 
 
@@ -38,6 +37,13 @@ def arm_config(variant: str, steps: int, out: str, extra: list[str] = (), vq_wei
     name = f"{variant}_vq" if vq_weights else variant
     return load_config(presets, [f"model.variant={variant}", *steps_override, f"name={name}", f"out_dir={out}",
                                  *vq, *extra])
+
+
+def demo_arms() -> list[str]:
+    """The orderings the demo trains: the demo sweep's ``axes.variants`` (config, not a list in code)."""
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(DEMO_SWEEP).axes.variants)
 
 
 def ensure_digits_vq(vq_dir: str) -> str:
@@ -79,11 +85,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the preset's)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default="", help="comma-separated arms (default: the demo sweep's axes.variants)")
     p.add_argument("--vq-variants", default="raster", help="arms on the digits VQ's codes ('' = none)")
     p.add_argument("--vq-dir", default="runs/digits_vq", help="the digits VQ (trained here when missing)")
     p.add_argument("--extractor", default="runs/extractors/digits.safetensors", help="digits FID extractor")
     a = p.parse_args(argv)
+    a.variants = a.variants or ",".join(demo_arms())
     # all cores by default; ROAR_DEMO_THREADS=1 when another job shares the machine (OpenMP threads that wait
     # on a busy core make small models many times slower)
     torch.set_num_threads(int(os.environ.get("ROAR_DEMO_THREADS", 0)) or max(1, os.cpu_count() or 1))
@@ -146,7 +153,9 @@ def zero_shot_and_ablation(a) -> None:
                     extra=[f"trainer.max_steps={a.steps}"] if a.steps else [], log=lambda msg: print(msg, flush=True))
     print(f"demo: ablation table {out['markdown']} (CSV {out['csv']}), plots {out['plots_dir']}/, "
           f"TensorBoard {out['tb_dir']}")
-    variant = next((v for v in ("randar", "arpg") if v in variants), variants[0])
+    from lightning_modules.variants import capabilities
+
+    variant = next((v for v in variants if capabilities(v).any_order), variants[0])
     module = load_generator(os.path.join(a.out, variant, "checkpoints", "last.ckpt")).eval()
     image, label = dataset_image(0)
     edit = run_edit(module, "inpaint", image, label, region_mask("center", module.grid),

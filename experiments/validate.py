@@ -7,17 +7,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from experiments.config import ConfigError
+from experiments.config import ConfigError, ModelConfig
 
-VARIANTS = ("raster", "rar", "randar", "arpg")
-FLAVOUR_VARIANTS = {"llama": VARIANTS, "rar_vit": ("raster", "rar")}
 SIZES = ("debug", "small", "B", "L", "XL", "XXL")
 DATA_KINDS = ("embedded", "images", "codes")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-STEP_SCHEDULES = ("", "one_per_step", "randar_cosine", "arccos", "cosine", "locality")
-ANY_ORDER_VARIANTS = ("randar", "arpg")  # orderings whose decode_plan routes sample.schedule=locality
 CFG_SCHEDULES = ("", "constant", "linear", "pow_cosine")
 
 
@@ -35,14 +31,37 @@ def _unit(value: float, key: str, closed_top: bool = False) -> None:
     _check(0 <= value and top_ok, key, f"{value} must be in [0, 1{']' if closed_top else ')'}")
 
 
+def validate_ordering(cfg: DictConfig):
+    """model.variant / model.flavour / the ordering's own model.* keys, against the registry and the ordering's
+    declared capabilities; returns the ordering class."""
+    from lightning_modules.variants import ordering_class, registry
+
+    m = cfg.model
+    names = list(registry())
+    _choice(m.variant, names, "model.variant")
+    try:
+        ordering = ordering_class(m.variant)
+    except ValueError as err:
+        raise ConfigError("model.variant", str(err).split(": ", 1)[-1]) from None
+    flavours = ordering.capabilities.flavours
+    _check(m.flavour in flavours, "model.flavour",
+           f"the {m.variant} ordering runs on {list(flavours)}, not {m.flavour!r}")
+    # an ordering-specific key the chosen ordering never reads is an error, not silently ignored
+    defaults = ModelConfig()
+    for name in names:
+        for key in ordering_class(name).reads:
+            if key not in ordering.reads and m[key] != getattr(defaults, key):
+                readers = [n for n in names if key in ordering_class(n).reads]
+                raise ConfigError(f"model.{key}", f"is only read by the {readers} ordering(s), not by "
+                                                  f"model.variant={m.variant}")
+    return ordering
+
+
 def validate(cfg: DictConfig) -> None:
     from tokenizers.registry import TOKENIZERS
 
     m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.sample, cfg.data
-    _choice(m.variant, VARIANTS, "model.variant")
-    _choice(m.flavour, FLAVOUR_VARIANTS, "model.flavour")
-    _check(m.variant in FLAVOUR_VARIANTS[m.flavour], "model.flavour",
-           f"the {m.flavour} flavour cannot run the {m.variant} ordering (supports {list(FLAVOUR_VARIANTS[m.flavour])})")
+    ordering = validate_ordering(cfg)
     _choice(m.size, SIZES, "model.size")
     for key in ("dim", "n_layer", "n_head", "ffn_hidden"):
         _check(m[key] >= 0, f"model.{key}", f"{m[key]} must be >= 0 (0 = from model.size)")
@@ -111,9 +130,9 @@ def validate(cfg: DictConfig) -> None:
     _check(t.limit_val_batches >= 0, "trainer.limit_val_batches", f"{t.limit_val_batches} must be >= 0")
 
     _check(s.num_steps >= 0, "sample.num_steps", f"{s.num_steps} must be >= 0 (0 = the ordering's default)")
-    _choice(s.schedule, STEP_SCHEDULES, "sample.schedule")
-    _check(s.schedule != "locality" or m.variant in ANY_ORDER_VARIANTS, "sample.schedule",
-           f"locality needs an ordering that decodes in any order {list(ANY_ORDER_VARIANTS)}, not {m.variant}")
+    _check(s.schedule in ("", *ordering.capabilities.schedules), "sample.schedule",
+           f"{s.schedule!r} is not a schedule the {m.variant} ordering decodes with (it takes "
+           f"{list(ordering.capabilities.schedules)})")
     _choice(s.cfg_schedule, CFG_SCHEDULES, "sample.cfg_schedule")
     _check(s.cfg_scale >= 0, "sample.cfg_scale", f"{s.cfg_scale} must be >= 0")
     _check(s.cfg_power >= 0, "sample.cfg_power", f"{s.cfg_power} must be >= 0")

@@ -1,4 +1,4 @@
-"""ARPGModule: autoregressive parallel generation with position-only queries (Li et al., arXiv 2503.10568).
+"""ARPG: autoregressive parallel generation with position-only queries (Li et al., arXiv 2503.10568).
 
 Training (docs/methods/randar_arpg.md §2.2), per-sample random order sigma:
     content stream (self layers, causal):  [class, x_s0, ..., x_s(N-2)]   RoPE of each token's own position
@@ -14,15 +14,14 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import ARModule
-from lightning_modules.locality import LOCALITY, locality_plan
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq
-from lightning_modules.randar import known_first, random_orders
+from lightning_modules.ordering import ANY_ORDER_SCHEDULES, AnyOrder, Capabilities
 from lightning_modules.raster import next_token_inputs
-from lightning_modules.sampling import DecodePlan
-from lightning_modules.schedules import step_counts
 
 
-class ARPGModule(ARModule):
+class ARPGOrdering(AnyOrder):
+    capabilities = Capabilities(any_order=True, parallel=True, per_sample_orders=False,
+                                schedules=ANY_ORDER_SCHEDULES)
     default_sample = dict(schedule="arccos", cfg_schedule="linear")
     cfg_counts_current_step = True
 
@@ -32,23 +31,18 @@ class ARPGModule(ARModule):
     def default_num_steps(self, num_positions):
         return max(1, num_positions // 4)  # the official 64 of 256
 
+    def headline_steps(self, num_positions):
+        return [max(1, round(k * num_positions / 256)) for k in (64, 32)]  # the paper's 64- and 32-step rows
+
     def train_inputs(self, codes, labels, step, generator, order=None):
         B, N = codes.shape
         if order is None:
-            order = random_orders(B, N, generator, codes.device)
+            order = self.train_order(B, step, generator, codes.device)
         seq, x = next_token_inputs(codes, labels, order)  # the content stream is the next-token sequence
         seq.target = None
         seq.query_pos = order  # query j predicts s_j
         seq.query_mask = torch.ones(N, N, dtype=torch.bool, device=codes.device).tril()[None, None]
         return seq, x
-
-    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None):
-        if schedule == LOCALITY:  # default counts + one locality-aware order for the batch (locality.py)
-            return locality_plan(self, batch, num_steps, generator, known, order, per_sample=False)
-        if order is None:
-            order = random_orders(batch, self.num_positions, generator, self.device, per_sample=False)
-        order, k = known_first(order, known)
-        return DecodePlan(order=order, counts=step_counts(schedule, self.num_positions - k, num_steps), num_known=k)
 
     def decode_step(self, state, n):
         order, dev = state.order, state.order.device
@@ -65,3 +59,7 @@ class ARPGModule(ARModule):
             mask = torch.ones(1, 1, rows.shape[0], int(rows.max()) + 1, dtype=torch.bool, device=dev)
         return Seq(kind=kind, ids=ids, pos=pos, labels=state.labels, rows=rows, mask=mask,
                    query_pos=order[:, state.done: state.done + n])
+
+
+class ARPGModule(ARModule):
+    ordering_class = ARPGOrdering

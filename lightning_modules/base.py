@@ -1,12 +1,10 @@
-"""ARModule: everything the orderings share — loss, optimiser groups, LR schedule, val NLL, sampling entry point.
+"""ARModule: the one training module. It owns loss, optimiser groups, LR schedule, val NLL and the sampling entry
+point, and takes an ordering (lightning_modules/ordering.py: a plain object, the only per-method code).
 
-An ordering subclass implements four hooks and nothing else (docs/architecture.md):
-  backbone_options()                    -> backbone features it needs (position tokens, cross layers, ...)
-  train_inputs(codes, labels, step, g, order=None) -> (Seq, targets [B, M])  the training sequence
-  decode_plan(B, steps, schedule, g, known, order) -> DecodePlan        order per sample + tokens per step
-  decode_step(state, n)                 -> Seq                          one cached forward of the sampler
-plus class attributes ``default_sample`` and ``cfg_counts_current_step``.
-Constructor arguments are plain dicts (recorded by save_hyperparameters); YAML lives in experiments/.
+Each training variant is a thin binding in its ordering's file (``class RARModule(ARModule): ordering_class =
+RAROrdering``), registered in lightning_modules/variants.py. Settings arrive as plain dicts (recorded by
+save_hyperparameters, so checkpoints stay readable with weights_only=True) and are turned into the typed
+dataclasses of lightning_modules/hparams.py, the same ones experiments/config.py composes: one set of defaults.
 """
 from __future__ import annotations
 
@@ -17,14 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.backbones import build_backbone, resolve_size
-from lightning_modules.sampling import DecodePlan, DecodeState, SampleSettings, generate
-from lightning_modules.nn.sequence import Seq
+from lightning_modules.hparams import (SAMPLE_DEFAULTED, ModelConfig, OptimConfig, SampleConfig, normalize_model,
+                                       plain, typed)
 from lightning_modules.resumable import STEP_RNG_SALT, step_rng
+from lightning_modules.sampling import SampleSettings, generate
 from tokenizers.base import TokenizerMismatchError
 from tokenizers.registry import build_tokenizer
-
-NONFINITE_LIMIT_DEFAULT = 5
-
 
 class NonFiniteLossError(RuntimeError):
     """optim.max_nonfinite_in_a_row non-finite losses in a row; the one-line message names the count and key."""
@@ -46,46 +42,41 @@ def make_generator(seed: int, device="cpu") -> torch.Generator:
 
 
 class ARModule(L.LightningModule):
-    default_sample: dict = dict(schedule="one_per_step", cfg_schedule="constant")
-    cfg_counts_current_step = False  # CFG ramp on the count decoded before the step (RandAR, RAR, LlamaGen)
+    ordering_class = None  # set by each variant's binding (see lightning_modules/variants.py)
 
     def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, sample: dict | None = None,
-                 seed: int = 0, max_steps: int = 1000):
+                 seed: int = 0, max_steps: int = 1000, grid: tuple[int, int] | list | None = None,
+                 compile: bool = False, cpu_adam: bool = False, fused_adam: bool = False):
+        """model: ModelConfig fields (+ ``grid`` unless given separately); optim: OptimConfig fields; sample:
+        SampleConfig fields (empty = the ordering's default); compile: torch.compile the training forward
+        (trainer.compile); cpu_adam: DeepSpeed's CPU Adam (ZeRO-Offload); fused_adam: AdamW(fused=True)."""
         super().__init__()
-        self.save_hyperparameters()
+        model, recorded_grid = normalize_model(model)
+        self.model_cfg = typed(ModelConfig, model, "model")
+        self.optim_cfg = typed(OptimConfig, optim, "optim")
+        self.sample_cfg = typed(SampleConfig, sample, "sample")
+        self.grid = tuple(int(g) for g in (grid or recorded_grid))
+        self.save_hyperparameters({"model": {**plain(self.model_cfg), "grid": list(self.grid)},
+                                   "tokenizer": tokenizer, "optim": plain(self.optim_cfg),
+                                   "sample": plain(self.sample_cfg), "seed": seed, "max_steps": max_steps})
+        self.ordering = self.ordering_class(self.grid, max_steps=max_steps, model=self.model_cfg)
         tok = build_tokenizer(**tokenizer["build"])
         self._tokenizer = [tok]  # a list: frozen, not a submodule, never in our checkpoints (fingerprint is)
         self.tokenizer_fingerprint = tok.fingerprint
-        self.grid = tuple(model["grid"])
-        dims = resolve_size(model.get("flavour", "llama"), model.get("size", "debug"),
-                            **{k: model.get(k, 0) for k in ("dim", "n_layer", "n_head", "ffn_hidden")})
-        options = dict(model.get("backbone", {}))
-        options.update(self.backbone_options(dims))
-        self.backbone = build_backbone(model.get("flavour", "llama"), vocab_size=tok.vocab_size,
-                                       num_classes=model["num_classes"], grid=self.grid, **dims, **options)
-        self.optim = dict(optim or {})
-        self.sample_defaults = {**self.default_sample, **{k: v for k, v in (sample or {}).items() if v is not None}}
+        m = self.model_cfg
+        dims = resolve_size(m.flavour, m.size, dim=m.dim, n_layer=m.n_layer, n_head=m.n_head, ffn_hidden=m.ffn_hidden)
+        options = {**plain(getattr(m, m.flavour)), "grad_checkpointing": m.grad_checkpointing}
+        options.update(self.ordering.backbone_options(dims))
+        self.backbone = build_backbone(m.flavour, vocab_size=tok.vocab_size, num_classes=m.num_classes,
+                                       grid=self.grid, **dims, **options)
+        s = plain(self.sample_cfg)
+        self.sample_defaults = {**self.ordering.default_sample,
+                                **{k: v for k, v in s.items() if k not in SAMPLE_DEFAULTED or v not in ("", 0)}}
+        self.compile, self.cpu_adam, self.fused_adam = compile, cpu_adam, fused_adam
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.last_val_step = -1
-        self._compiled = None  # [torch.compile(backbone)] when optim["compile"]; a list keeps it out of state_dict
-
-    # ------------------------------------------------------------------ ordering hooks
-    def backbone_options(self, dims: dict) -> dict:
-        return {}
-
-    def train_inputs(self, codes, labels, step: int, generator, order=None) -> tuple[Seq, torch.Tensor]:
-        """order [B, N] (optional) fixes the decode order (tests, parity); otherwise the ordering draws it."""
-        raise NotImplementedError
-
-    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None) -> DecodePlan:
-        raise NotImplementedError
-
-    def decode_step(self, state: DecodeState, n: int) -> Seq:
-        raise NotImplementedError
-
-    def cache_length(self, num_positions: int) -> int:
-        return num_positions + 1
+        self._compiled = None  # [torch.compile(backbone)] when compile; a list keeps it out of state_dict
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -111,21 +102,21 @@ class ARModule(L.LightningModule):
         return codes.reshape(codes.shape[0], -1).long()
 
     def drop_classes(self, labels: torch.Tensor, generator) -> torch.Tensor:
-        p = self.hparams.model.get("class_dropout", 0.1)
+        p = self.model_cfg.class_dropout
         if p <= 0:
             return labels
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
         return torch.where(drop, torch.full_like(labels, self.backbone.num_classes), labels)
 
     def configure_model(self) -> None:
-        """trainer.compile (optim["compile"], set by experiments/build.py): compile the backbone for the training
+        """trainer.compile (``compile``, set by experiments/build.py): compile the backbone for the training
         forward only. Sampling and validation stay eager: decode steps change shape every step, and compiling
         them would recompile instead of helping. nn.Module is wrapped, not replaced, so state_dict keys stay."""
-        if self.optim.get("compile") and self._compiled is None:
+        if self.compile and self._compiled is None:
             self._compiled = [torch.compile(self.backbone)]
 
     def loss_on(self, codes, labels, step: int, generator) -> torch.Tensor:
-        seq, targets = self.train_inputs(codes, labels, step, generator)
+        seq, targets = self.ordering.train_inputs(codes, labels, step, generator)
         forward = self._compiled[0] if self._compiled is not None and self.training else self.backbone
         logits = forward(seq)  # [B, M, V]
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -148,13 +139,15 @@ class ARModule(L.LightningModule):
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))  # every step: a running total in TB
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        for key, value in self.ordering.train_logs(step).items():
+            self.log(key, value)
         return loss
 
     def skip_nonfinite(self, step: int):
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))
-        limit = self.optim.get("max_nonfinite_in_a_row", NONFINITE_LIMIT_DEFAULT)
+        limit = self.optim_cfg.max_nonfinite_in_a_row
         if self.nonfinite_streak >= limit:
             raise NonFiniteLossError(f"train: {self.nonfinite_streak} non-finite losses in a row (last at step "
                                      f"{step}) reached optim.max_nonfinite_in_a_row={limit}; stopping: lower optim.lr "
@@ -179,49 +172,45 @@ class ARModule(L.LightningModule):
         self.last_val_step = self.global_step  # train.run validates once more when the last step had none
 
     def configure_optimizers(self):
-        o = self.optim
-        no_decay_names = tuple(o.get("no_decay_names", ()))
+        o = self.optim_cfg
+        no_decay_names = tuple(o.no_decay_names)
         decay, no_decay = [], []
         for name, p in self.backbone.named_parameters():
             if not p.requires_grad:
                 continue
             # decay on >= 2-D tensors (matmuls, embeddings, RandAR's [1, d] position vector) unless named out
             (decay if p.ndim >= 2 and not any(s in name for s in no_decay_names) else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.get("weight_decay", 0.05)},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        lr, betas = o.get("lr", 1e-4), tuple(o.get("betas", (0.9, 0.95)))
-        if o.get("cpu_adam"):  # ZeRO-Offload (experiments/strategies.py): the same AdamW, as DeepSpeed's CPU kernel
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        lr, betas = o.lr, tuple(o.betas)
+        if self.cpu_adam:  # ZeRO-Offload (experiments/strategies.py): the same AdamW, as DeepSpeed's CPU kernel
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             opt = DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=1e-8, adamw_mode=True)
         else:
-            opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=o.get("fused", False) or None)
+            opt = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=self.fused_adam or None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def lr_multiplier(self, step: int) -> float:
         """Linear warmup, then constant or cosine down to ``min_lr_ratio`` (a pure function of the step)."""
-        o, total = self.optim, max(1, self.hparams.max_steps)
-        warmup = o.get("warmup_steps", 0)
+        o, total = self.optim_cfg, max(1, self.hparams.max_steps)
+        warmup = o.warmup_steps
         warmup = int(warmup * total) if isinstance(warmup, float) and warmup < 1 else int(warmup)
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if o.get("schedule", "constant") == "constant":
+        if o.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        floor = o.get("min_lr_ratio", 0.0)
+        floor = o.min_lr_ratio
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     # ------------------------------------------------------------------ sampling
     def sample_settings(self, **overrides) -> SampleSettings:
         s = {**self.sample_defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if not s.get("num_steps"):
-            s["num_steps"] = self.default_num_steps(self.num_positions)
+            s["num_steps"] = self.ordering.default_num_steps(self.num_positions)
         fields = SampleSettings.__dataclass_fields__
         return SampleSettings(**{k: v for k, v in s.items() if k in fields})
-
-    def default_num_steps(self, num_positions: int) -> int:
-        return num_positions
 
     @torch.no_grad()
     def sample_codes(self, labels: torch.Tensor, seed: int, **overrides) -> torch.Tensor:
@@ -242,7 +231,7 @@ class ARModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["roar"] = {"tokenizer_fingerprint": self.tokenizer_fingerprint,
-                              "vocab_size": self.backbone.vocab_size, "variant": type(self).__name__,
+                              "vocab_size": self.backbone.vocab_size, "variant": self.model_cfg.variant,
                               "nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

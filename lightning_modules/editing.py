@@ -78,7 +78,8 @@ def fit_steps(module, settings: SampleSettings, known: tuple[torch.Tensor, torch
     for steps in dict.fromkeys((settings.num_steps, max(1, min(settings.num_steps, unknown)))):
         try:
             probe = torch.Generator(device=module.device).manual_seed(0)
-            module.decode_plan(1, steps, settings.schedule, probe, (known[0], known[1][:1]))
+            module.ordering.decode_plan(1, steps, settings.schedule, probe, (known[0], known[1][:1]),
+                                        device=module.device)
             return replace(settings, num_steps=steps)
         except ValueError as err:
             error = err
@@ -126,12 +127,6 @@ def known_mask_for(task: str, region: torch.Tensor) -> torch.Tensor:
 
 
 def sees_all_known(module) -> bool:
-    """True when the ordering puts known tokens first (every generated token sees all of them: RandAR, ARPG);
-    False when it keeps its own order and known tokens after a position are unseen (raster, RAR)."""
-    N = module.num_positions
-    mask = torch.zeros(N, dtype=torch.bool, device=module.device)
-    mask[-1] = True  # the last raster position: only an ordering that reorders puts it first
-    known = (mask, torch.zeros(1, N, dtype=torch.long, device=module.device))
-    settings = fit_steps(module, module.sample_settings(), known)
-    probe = torch.Generator(device=module.device).manual_seed(0)
-    return module.decode_plan(1, settings.num_steps, settings.schedule, probe, known).num_known == 1
+    """True when the ordering puts known tokens first (every generated token sees all of them: any-order
+    orderings); False when it keeps its own order and known tokens after a position are unseen (fixed scans)."""
+    return module.ordering.capabilities.any_order

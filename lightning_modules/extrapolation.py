@@ -61,14 +61,13 @@ def check_extrapolatable(module) -> None:
     if not isinstance(getattr(bb, "rope", None), Rope2D):
         raise ValueError(f"extrapolation: the {type(bb).__name__} backbone has learned absolute position tables, "
                          f"not RoPE; only llama backbones can grow their grid")
+    variant = module.model_cfg.variant
     if getattr(bb, "target_embed", None) is not None:
-        raise ValueError(f"extrapolation: {type(module).__name__} uses a learned target-aware table of "
+        raise ValueError(f"extrapolation: {variant} uses a learned target-aware table of "
                          f"{bb.num_positions} rows; it has no rows for a larger grid")
-    from lightning_modules.editing import sees_all_known
-
-    if not sees_all_known(module):
-        raise ValueError(f"extrapolation: {type(module).__name__} decodes in its own fixed order; the hierarchical "
-                         f"order needs an ordering that puts known tokens first (randar, arpg)")
+    if not module.ordering.capabilities.any_order:
+        raise ValueError(f"extrapolation: {variant} decodes in its own fixed order; the hierarchical order needs an "
+                         f"ordering that puts known tokens first (one whose capabilities say any_order)")
 
 
 @contextmanager
@@ -80,14 +79,15 @@ def larger_grid(module, grid: tuple[int, int], angles: torch.Tensor):
     bb = module.backbone
     if angles.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"extrapolation: {angles.shape[0]} RoPE rows for a {grid[0]}x{grid[1]} grid")
-    saved = (module.grid, bb.grid, bb.num_positions, bb.rope.grid, bb.rope.table)
+    saved = (module.grid, module.ordering.grid, bb.grid, bb.num_positions, bb.rope.grid, bb.rope.table)
     try:
-        module.grid, bb.grid, bb.num_positions, bb.rope.grid = tuple(grid), tuple(grid), grid[0] * grid[1], tuple(grid)
+        module.grid = module.ordering.grid = bb.grid = bb.rope.grid = tuple(grid)
+        bb.num_positions = grid[0] * grid[1]
         bb.rope.set_angles(angles.float().cpu())
-        bb.rope.table = bb.rope.table.to(saved[4].device)
+        bb.rope.table = bb.rope.table.to(saved[5].device)
         yield module
     finally:
-        module.grid, bb.grid, bb.num_positions, bb.rope.grid, bb.rope.table = saved
+        module.grid, module.ordering.grid, bb.grid, bb.num_positions, bb.rope.grid, bb.rope.table = saved
 
 
 def hierarchical_order(grid: tuple[int, int], batch: int, generator, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +129,7 @@ def extrapolate(module, labels: torch.Tensor, settings: SampleSettings | None = 
     known_mask[first[0]] = True  # the same set for every sample (only its order differs)
     angles = ntk_mixed_angles(grid, rope_frequencies(module.backbone.rope), ntk_boundary)
     with larger_grid(module, big_grid, angles):
-        steps = high_steps or min(module.default_num_steps(module.num_positions), (SCALE * SCALE - 1) * N)
+        steps = high_steps or min(module.ordering.default_num_steps(module.num_positions), (SCALE * SCALE - 1) * N)
         high = replace(settings, num_steps=steps)
         codes = generate(module, labels, high, generator, known=(known_mask, tokens), order=big_order,
                          recorder=recorder)

@@ -22,8 +22,6 @@ import math
 
 import torch
 
-from lightning_modules.sampling import DecodePlan
-from lightning_modules.schedules import step_counts
 
 LOCALITY = "locality"
 CONTEXT_WEIGHT = 0.25  # < 1: spread first, context second (a full-context neighbour never beats a far pick)
@@ -73,25 +71,6 @@ def locality_order(grid: tuple[int, int], counts: list[int], batch: int, generat
         parts.append(torch.stack(picks, 1))
         undecoded -= n
     return torch.cat(parts, 1)
-
-
-def locality_plan(module, batch: int, num_steps: int, generator, known=None, order=None,
-                  per_sample: bool = True) -> DecodePlan:
-    """DecodePlan for ``sample.schedule=locality``: the counts of ``module.default_sample['schedule']`` over the
-    unknown positions, and the locality order (one per sample, or one shared by the batch like ARPG's)."""
-    base = module.default_sample["schedule"]
-    N = module.num_positions
-    mask = None if known is None else known[0].to(module.device).bool()
-    num_known = 0 if mask is None else int(mask.sum())
-    counts = step_counts(base, N - num_known, num_steps)
-    if order is not None:  # an explicit order wins; only the counts come from here
-        from lightning_modules.randar import known_first
-
-        order, num_known = known_first(order, known)
-        return DecodePlan(order=order, counts=counts, num_known=num_known)
-    rows = batch if per_sample else 1
-    order = locality_order(module.grid, counts, rows, generator, mask, module.device).expand(batch, -1)
-    return DecodePlan(order=order, counts=counts, num_known=num_known)
 
 
 def step_groups(order: torch.Tensor, counts: list[int], num_known: int = 0) -> list[torch.Tensor]:

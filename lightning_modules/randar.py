@@ -1,4 +1,4 @@
-"""RandARModule: decoder-only random-order AR with position-instruction tokens (Pang et al., arXiv 2412.01827).
+"""RandAR: decoder-only random-order AR with position-instruction tokens (Pang et al., arXiv 2412.01827).
 
 Training (docs/methods/randar_arpg.md §1.1), per-sample random order sigma, 1 + 2N slots, plain causal mask:
     slot:  0      1         2        3         4        ...  2N-1          2N
@@ -17,33 +17,14 @@ from __future__ import annotations
 import torch
 
 from lightning_modules.base import ARModule
-from lightning_modules.locality import LOCALITY, locality_plan
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, causal_row_mask
-from lightning_modules.sampling import DecodePlan
-from lightning_modules.schedules import step_counts
+from lightning_modules.ordering import ANY_ORDER_SCHEDULES, AnyOrder, Capabilities
 
 
-def random_orders(batch: int, n: int, generator, device, per_sample: bool = True) -> torch.Tensor:
-    """Seeded random permutations [B, N] (one per sample, or one shared by the batch)."""
-    if per_sample:
-        return torch.rand(batch, n, generator=generator, device=device).argsort(-1)
-    return torch.rand(n, generator=generator, device=device).argsort().expand(batch, -1)
-
-
-def known_first(order: torch.Tensor, known) -> tuple[torch.Tensor, int]:
-    """Stable-partition each row of ``order`` so known positions come first; known = (mask bool [N], tokens)."""
-    if known is None:
-        return order, 0
-    mask = known[0].to(order.device)
-    is_known = mask[order].long()  # [B, N]
-    # argsort of (1 - is_known) with a stable sort keeps the random order within each group
-    idx = torch.sort(1 - is_known, dim=1, stable=True).indices
-    return torch.gather(order, 1, idx), int(mask.sum())
-
-
-class RandARModule(ARModule):
+class RandAROrdering(AnyOrder):
+    capabilities = Capabilities(any_order=True, parallel=True, per_sample_orders=True,
+                                schedules=ANY_ORDER_SCHEDULES)
     default_sample = dict(schedule="randar_cosine", cfg_schedule="linear", cfg_start=1.0)
-    per_sample_orders = True
 
     def backbone_options(self, dims):
         return {"position_tokens": True}
@@ -58,7 +39,7 @@ class RandARModule(ARModule):
         B, N = codes.shape
         dev = codes.device
         if order is None:
-            order = random_orders(B, N, generator, dev)
+            order = self.train_order(B, step, generator, dev)
         x = torch.gather(codes, 1, order)  # [B, N] targets in decode order
         head = torch.zeros(B, 1, dtype=torch.long, device=dev)
         pair_kind = torch.tensor([SLOT_POSITION, SLOT_IMAGE], device=dev).repeat(N).expand(B, -1)
@@ -68,14 +49,6 @@ class RandARModule(ARModule):
         seq = Seq(kind=kind, ids=ids, pos=pos, labels=labels, rows=torch.arange(1 + 2 * N, device=dev),
                   out=torch.arange(1, 2 * N, 2, device=dev))
         return seq, x
-
-    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None):
-        if schedule == LOCALITY:  # default counts + the locality-aware order (lightning_modules/locality.py)
-            return locality_plan(self, batch, num_steps, generator, known, order, self.per_sample_orders)
-        if order is None:
-            order = random_orders(batch, self.num_positions, generator, self.device, self.per_sample_orders)
-        order, k = known_first(order, known)
-        return DecodePlan(order=order, counts=step_counts(schedule, self.num_positions - k, num_steps), num_known=k)
 
     def decode_step(self, state, n):
         order, dev = state.order, state.order.device
@@ -107,3 +80,7 @@ class RandARModule(ARModule):
             mask[0, 0, L - n:, qrows] = torch.eye(n, dtype=torch.bool, device=dev)
         return Seq(kind=torch.cat(kinds).long().expand(B2, -1), ids=torch.cat(ids, 1), pos=torch.cat(pos, 1),
                    labels=state.labels, rows=rows, mask=mask, out=torch.arange(L - n, L, device=dev))
+
+
+class RandARModule(ARModule):
+    ordering_class = RandAROrdering

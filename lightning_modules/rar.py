@@ -1,4 +1,4 @@
-"""RARModule: Randomized AutoRegressive modelling (Yu et al. 2024, arXiv 2411.00776; docs/methods/rar.md).
+"""RAR: Randomized AutoRegressive modelling (Yu et al. 2024, arXiv 2411.00776; docs/methods/rar.md).
 
 Training: per sample, a coin with probability r(step) picks a random permutation, else raster order
 (rar.md §1). r is 1 until ``anneal_start``, falls linearly to 0 at ``anneal_end`` (fractions of
@@ -11,29 +11,33 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.raster import RasterModule
+from lightning_modules.base import ARModule
+from lightning_modules.raster import RasterOrdering
 from lightning_modules.schedules import rar_random_ratio
 
 
-class RARModule(RasterModule):
+class RAROrdering(RasterOrdering):
     default_sample = dict(schedule="one_per_step", cfg_schedule="pow_cosine", cfg_power=1.0)
+    reads = ("rar_anneal_start", "rar_anneal_end")
 
     def backbone_options(self, dims):
         return {"target_aware": True}
 
     def random_ratio(self, step: int) -> float:
-        m = self.hparams.model
-        total = self.hparams.max_steps
-        start, end = m.get("rar_anneal_start", 0.5), m.get("rar_anneal_end", 0.75)
+        m, total = self.model, self.max_steps
+        start, end = m.rar_anneal_start, m.rar_anneal_end
         return rar_random_ratio(step, int(round(start * total)), int(round(end * total)))
 
-    def train_order(self, batch, step, generator):
-        n, dev = self.num_positions, self.device
-        perms = torch.rand(batch, n, generator=generator, device=dev).argsort(-1)  # [B, N]
-        coin = torch.rand(batch, generator=generator, device=dev) < self.random_ratio(step)  # per sample
-        raster = torch.arange(n, device=dev).expand(batch, -1)
-        return torch.where(coin[:, None], perms, raster)
+    def train_order(self, batch, step, generator, device=None):
+        n = self.num_positions
+        perms = torch.rand(batch, n, generator=generator, device=device).argsort(-1)  # [B, N]
+        coin = torch.rand(batch, generator=generator, device=device) < self.random_ratio(step)  # per sample
+        target = self.scan_order(device).expand(batch, -1)
+        return torch.where(coin[:, None], perms, target)
 
-    def training_step(self, batch, batch_idx):
-        self.log("train/rar_ratio", self.random_ratio(self.global_step))
-        return super().training_step(batch, batch_idx)
+    def train_logs(self, step):
+        return {"train/rar_ratio": self.random_ratio(step)}
+
+
+class RARModule(ARModule):
+    ordering_class = RAROrdering

@@ -1,4 +1,4 @@
-"""RasterModule: next-token prediction in raster order (the LlamaGen c2i baseline and control arm).
+"""Raster: next-token prediction in raster order (the LlamaGen c2i baseline and control arm).
 
 Training sequence over an order sigma (identity here; RAR reuses it with random orders), N slots:
     slot:   0        1          2         ...  N-1
@@ -12,6 +12,7 @@ import torch
 
 from lightning_modules.base import ARModule
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq
+from lightning_modules.ordering import Capabilities, Ordering
 from lightning_modules.sampling import DecodePlan, DecodeState
 from lightning_modules.schedules import step_counts
 
@@ -48,24 +49,35 @@ def next_token_step(state: DecodeState) -> Seq:
     return Seq(kind=kind, ids=x, pos=pos, labels=state.labels, rows=rows, target=nxt, out=out)
 
 
-class RasterModule(ARModule):
+class RasterOrdering(Ordering):
+    """One fixed order for every sample, one token per step. ``scan_order`` is the order (raster here)."""
+
+    capabilities = Capabilities(flavours=("llama", "rar_vit"))
     default_sample = dict(schedule="one_per_step", cfg_schedule="constant")
 
-    def train_order(self, batch: int, step: int, generator) -> torch.Tensor:
-        return torch.arange(self.num_positions, device=self.device).expand(batch, -1)
+    def scan_order(self, device=None) -> torch.Tensor:
+        """long [N]: the raster index decoded i-th."""
+        return torch.arange(self.num_positions, device=device)
+
+    def train_order(self, batch: int, step: int, generator, device=None) -> torch.Tensor:
+        return self.scan_order(device).expand(batch, -1)
 
     def train_inputs(self, codes, labels, step, generator, order=None):
         if order is None:
-            order = self.train_order(codes.shape[0], step, generator)
+            order = self.train_order(codes.shape[0], step, generator, codes.device)
         return next_token_inputs(codes, labels, order)
 
-    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None) -> DecodePlan:
-        # Raster order always; known positions are kept by the sampling loop when their turn comes.
+    def decode_plan(self, batch, num_steps, schedule, generator, known=None, order=None, device=None) -> DecodePlan:
+        # The fixed order always; known positions are kept by the sampling loop when their turn comes.
         if order is None:
-            order = torch.arange(self.num_positions, device=self.device).expand(batch, -1)
+            order = self.scan_order(device).expand(batch, -1)
         return DecodePlan(order=order, counts=step_counts(schedule, self.num_positions, num_steps))
 
     def decode_step(self, state, n):
         if n != 1:
             raise ValueError("sample.schedule: next-token orderings decode exactly one token per step")
         return next_token_step(state)
+
+
+class RasterModule(ARModule):
+    ordering_class = RasterOrdering

@@ -1,8 +1,8 @@
 """The one sampling loop. Every ordering supplies a decode plan and per-step inputs; nothing here knows a method.
 
-    plan  = module.decode_plan(batch, num_steps, schedule, generator, known)   # order [B,N] + tokens per step
-    state = DecodeState(...)                                                   # what is decoded / in the cache
-    per step t:  seq = module.decode_step(state, n_t)   ->  backbone(seq, cache) -> logits [B2, n_t, V]
+    plan  = ordering.decode_plan(batch, num_steps, schedule, generator, known)  # order [B,N] + tokens per step
+    state = DecodeState(...)                                                    # what is decoded / in the cache
+    per step t:  seq = ordering.decode_step(state, n_t)   ->  backbone(seq, cache) -> logits [B2, n_t, V]
                  CFG mix (scale from the module's cfg count)  ->  draw  ->  known tokens kept  ->  advance
 CFG doubles the batch to [cond ; null] only when some step's scale differs from 1.
 """
@@ -123,22 +123,26 @@ Draw = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (mixed logits [B,
 
 
 @torch.no_grad()
-def generate(module, labels: torch.Tensor, settings: SampleSettings, generator: torch.Generator | None = None,
+def generate(model, labels: torch.Tensor, settings: SampleSettings, generator: torch.Generator | None = None,
              known: tuple[torch.Tensor, torch.Tensor] | None = None, draw: Draw | None = None,
              recorder: Recorder | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
     """Generate codes long [B, N] in raster order.
+
+    model: anything with ``.ordering`` (lightning_modules/ordering.py) and ``.backbone`` — an ARModule, or a plain
+    pair: sampling needs no Lightning.
 
     known: (mask bool [N], tokens long [B, N]) — positions given up front (inpainting, editing); kept exactly.
     draw: replaces the random draw (parity traces force tokens); recorder: receives every step's tensors.
     order: an explicit decode order [B, N] (known positions first), overriding the ordering's own draw.
     """
-    backbone = sampling_backbone(module.backbone, settings.precision)
+    ordering = model.ordering
+    backbone = sampling_backbone(model.backbone, settings.precision)
     B, N = labels.shape[0], backbone.num_positions
     device = labels.device
-    plan = module.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order)
+    plan = ordering.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order, device)
     scales, before = [], plan.num_known
     for n in plan.counts:
-        count = before + n if module.cfg_counts_current_step else before
+        count = before + n if ordering.cfg_counts_current_step else before
         scales.append(cfg_scale(settings.cfg_schedule, settings.cfg_scale, count, N, settings.cfg_power,
                                 settings.cfg_start))
         before += n
@@ -155,11 +159,11 @@ def generate(module, labels: torch.Tensor, settings: SampleSettings, generator: 
         known_grid = (mask.to(device), known_tokens.to(device))
         in_order = torch.gather(known_tokens.to(device), 1, plan.order[:, : plan.num_known].to(device))
         state.tokens[:, : plan.num_known] = in_order.repeat(reps, 1)
-    cache = backbone.new_cache(B * reps, module.cache_length(N), device=device,
+    cache = backbone.new_cache(B * reps, ordering.cache_length(N), device=device,
                                dtype=next(backbone.parameters()).dtype)
     for t, n in enumerate(plan.counts):
         state.step = t
-        seq = module.decode_step(state, n)
+        seq = ordering.decode_step(state, n)
         logits = backbone(seq, cache).float()  # [B*reps, n, V]; CFG mix and draw in fp32 at any precision
         positions = state.order[:B, state.done: state.done + n]  # [B, n]
         if use_cfg:

@@ -11,8 +11,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 FIXTURES = os.path.join(SHARED, "fixtures", "parity")
 
-VALID = [("raster", "llama"), ("rar", "llama"), ("randar", "llama"), ("arpg", "llama"),
-         ("raster", "rar_vit"), ("rar", "rar_vit")]
+from lightning_modules.backbones import FLAVOURS  # noqa: E402
+from lightning_modules.variants import capabilities, variant_names  # noqa: E402
+
+# every (ordering, backbone flavour) pair the registry declares: new orderings are tested with no edit here
+VALID = [(v, f) for f in FLAVOURS for v in variant_names() if f in capabilities(v).flavours]
 
 
 def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 11, num_classes: int = 5,
@@ -21,10 +24,10 @@ def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 
     dependency tests can fail (the real init zeroes the head and the AdaLN gates)."""
     from lightning_modules.variants import build_module
 
-    backbone = ({"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0} if flavour == "llama"
-                else {"dropout": 0.0, "attn_dropout": 0.0})
+    options = ({"llama": {"token_dropout": 0.0, "resid_dropout": 0.0, "ffn_dropout": 0.0}} if flavour == "llama"
+               else {"rar_vit": {"dropout": 0.0, "attn_dropout": 0.0}})
     model = dict(variant=variant, flavour=flavour, size="debug", num_classes=num_classes, grid=list(grid),
-                 class_dropout=0.0, backbone=backbone, **model_extra)
+                 class_dropout=0.0, **options, **model_extra)
     m = build_module(model, {"build": {"kind": "codes", "vocab_size": vocab}}, optim={"lr": 1e-3}, max_steps=100)
     if randomize:
         g = torch.Generator().manual_seed(1234)

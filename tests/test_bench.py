@@ -98,7 +98,7 @@ def test_flops_hand_count_tiny_llama_raster():
     """debug llama: D=64, 2 layers, SwiGLU hidden 256 (2*4*64/3 rounded up to 256), grid 4x4, vocab 11."""
     m = make_module("raster")
     B, N, D, V, H = 3, 16, 64, 11, 256
-    seq, _ = m.train_inputs(torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long), 0, None)
+    seq, _ = m.ordering.train_inputs(torch.zeros(B, N, dtype=torch.long), torch.zeros(B, dtype=torch.long), 0, None)
     per_layer = 3 * D * D + D * D + 3 * D * H  # wqkv + wo + w1, w3, w2 = 65536
     body = 2 * (2 * per_layer) * B * N
     attn = 2 * 4 * D * B * (N * (N + 1) // 2)  # causal: 136 visible pairs per sample and layer
@@ -113,7 +113,7 @@ def test_flops_match_executed_matmuls_and_attention(variant, flavour, monkeypatc
     """Independent count: every nn.Linear call (2 * in * out * rows) and every SDPA call's visible pairs."""
     m = make_module(variant, flavour)
     codes = torch.randint(0, 11, (2, 16), generator=torch.Generator().manual_seed(0))
-    seq, _ = m.train_inputs(codes, torch.tensor([0, 1]), 0, make_generator(0),
+    seq, _ = m.ordering.train_inputs(codes, torch.tensor([0, 1]), 0, make_generator(0),
                             order=torch.rand(2, 16, generator=torch.Generator().manual_seed(1)).argsort(-1))
     counted = {"linear": 0, "attention": 0}
 

@@ -87,7 +87,8 @@ COMBOS = [
     (["trainer.global_batch_size=64", "trainer.devices=2", "trainer.micro_batch_size=24"], "trainer.micro_batch_size"),
     (["model.flavour=rar_vit", "model.variant=randar"], "model.flavour"),
     (["model.flavour=rar_vit", "model.variant=arpg"], "model.flavour"),
-    (["model.rar_anneal_start=0.8", "model.rar_anneal_end=0.6"], "model.rar_anneal_end"),
+    (["model.variant=rar", "model.rar_anneal_start=0.8", "model.rar_anneal_end=0.6"], "model.rar_anneal_end"),
+    (["model.rar_anneal_start=0.25"], "model.rar_anneal_start"),  # raster never reads it: an error, not ignored
     (["model.dim=100", "model.n_head=3"], "model.dim"),
     (["eval.fid_num_samples=100", "eval.extractor=inception"], "eval.inception_weights"),
     (["optim.warmup_steps=50", "trainer.max_steps=10"], "optim.warmup_steps"),

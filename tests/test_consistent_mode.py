@@ -42,7 +42,7 @@ def training_logits(module, codes, labels, order, queries):
         idx = list(range(done)) + [done + j] + [i for i in range(done, N) if i != done + j]
         orders.append(order[:, idx])
     k = len(queries)
-    seq, targets = module.train_inputs(codes.repeat(k, 1), labels.repeat(k), 0, None, order=torch.cat(orders))
+    seq, targets = module.ordering.train_inputs(codes.repeat(k, 1), labels.repeat(k), 0, None, order=torch.cat(orders))
     with torch.no_grad():
         logits = module.backbone(seq).view(k, B, N, -1)
     slot = torch.tensor([done for done, _ in queries])

@@ -66,6 +66,7 @@ def test_edit_changes_only_the_region_and_depends_on_the_class():
 def test_sees_all_known_per_ordering():
     assert sees_all_known(make_module("randar")) and sees_all_known(make_module("arpg"))
     assert not sees_all_known(make_module("raster")) and not sees_all_known(make_module("rar"))
+    # (test_orderings.py checks that every ordering's declared any_order matches what its decode plan does)
 
 
 def test_regions_and_masks():
@@ -112,7 +113,7 @@ def test_larger_grid_restores_everything_after_an_error():
         with larger_grid(m, (8, 8), angles):
             assert m.num_positions == 64 and m.backbone.num_positions == 64
             assert m.backbone.rope.table.shape[0] == 65
-            assert m.cache_length(m.backbone.num_positions) == 129  # the KV cache of generate() grows with it
+            assert m.ordering.cache_length(m.backbone.num_positions) == 129  # the KV cache of generate() grows with it
             raise RuntimeError("boom")
     assert m.grid == GRID and m.backbone.grid == GRID and m.backbone.num_positions == 16
     assert torch.equal(m.backbone.rope.table, table)
@@ -140,7 +141,7 @@ def test_hierarchical_order_is_a_permutation():
 
 
 def test_extrapolation_refuses_raster_order_and_absolute_tables():
-    with pytest.raises(ValueError, match="RasterModule"):
+    with pytest.raises(ValueError, match="raster decodes in its own fixed order"):
         extrapolate(make_module("raster"), torch.tensor([0]))
     with pytest.raises(ValueError, match="target-aware"):
         extrapolate(make_module("rar"), torch.tensor([0]))

@@ -35,7 +35,7 @@ def inputs(m, B=3, seed=0):
 
 
 def forward(m, codes, labels, order, device):
-    seq, _ = m.train_inputs(codes.to(device), labels.to(device), 0, None, order=order.to(device))
+    seq, _ = m.ordering.train_inputs(codes.to(device), labels.to(device), 0, None, order=order.to(device))
     with torch.no_grad():
         return m.backbone(seq).float()
 

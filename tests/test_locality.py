@@ -81,7 +81,7 @@ def test_sampling_with_locality_schedule(variant):
     if variant == "arpg":  # one order for the whole batch, as ARPG's own random orders
         assert (positions == positions[:1]).all()
     # the decode order is the locality order for this generator
-    plan = m.decode_plan(3, steps, "locality", torch.Generator().manual_seed(0))
+    plan = m.ordering.decode_plan(3, steps, "locality", torch.Generator().manual_seed(0))
     assert torch.equal(plan.order, positions)
     assert out.shape == (3, 16)
 

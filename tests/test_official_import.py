@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
-import types
 
 import pytest
 import torch
@@ -63,33 +63,27 @@ class StubBackbone(torch.nn.Module):
         return torch.zeros(*shape, 3)  # [B2, n, V]: every scale is recorded, the logits do not matter
 
 
-class Stub(torch.nn.Module):
-    """Just enough of a module for generate(): zero logits, the real ordering's decode plan and CFG count rule."""
+class Stub:
+    """Just enough for generate(): zero logits, the real ordering's decode plan and CFG count rule."""
 
-    def __init__(self, variant_cls, n=256):
-        super().__init__()
+    def __init__(self, variant: str, n=256):
+        from lightning_modules.variants import build_ordering
+
+        side = math.isqrt(n)
         self.backbone = StubBackbone(n)
-        self.num_positions, self.per_sample_orders, self.device = n, True, torch.device("cpu")
-        self.cfg_counts_current_step = variant_cls.cfg_counts_current_step
-        self.decode_plan = types.MethodType(variant_cls.decode_plan, self)
-
-    def decode_step(self, state, n):
-        return (state.labels.shape[0], n)
-
-    def cache_length(self, n):
-        return n + 1
+        self.ordering = build_ordering(variant, (side, side))
+        self.ordering.decode_step = lambda state, k: (state.labels.shape[0], k)  # the stub backbone's "Seq"
 
 
 def default_scales(family: str, size: str) -> list[float]:
     from lightning_modules.sampling import SampleSettings, generate
-    from lightning_modules.variants import variant_class
 
     section = imp.sample_section(family, size, 256)
     fields = SampleSettings.__dataclass_fields__
     settings = SampleSettings(**{"num_steps": 256, **{k: v for k, v in section.items() if k in fields}})
     variant = build_generator(family, imp.official_config(family, size), device="meta").hparams.model["variant"]
     rec = []
-    generate(Stub(variant_class(variant)), torch.tensor([1, 2]), settings, torch.Generator().manual_seed(0),
+    generate(Stub(variant), torch.tensor([1, 2]), settings, torch.Generator().manual_seed(0),
              draw=lambda logits, pos: torch.zeros_like(pos), recorder=rec.append)
     return [r["cfg_scale"] for r in rec], settings
 
@@ -145,7 +139,7 @@ def forward(module, fx):
     n = tokens.shape[1]
     order = fx["inputs"].get("token_order", torch.arange(n).expand(tokens.shape[0], -1))
     with torch.no_grad():
-        return module.backbone(module.train_inputs(tokens, labels, 0, None, order=order)[0])
+        return module.backbone(module.ordering.train_inputs(tokens, labels, 0, None, order=order)[0])
 
 
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])

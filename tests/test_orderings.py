@@ -1,5 +1,6 @@
 """Invariants every ordering must keep: causality in its own order, KV-cache decoding == the training forward,
-every position generated exactly once, deterministic sampling, RAR's schedule, RAR at r=0 == raster."""
+every position generated exactly once, deterministic sampling, declared capabilities true, RAR's schedule,
+RAR at r=0 == raster. Parametrised over the registry (conftest.VALID), so a new ordering is covered unedited."""
 from __future__ import annotations
 
 import pytest
@@ -23,16 +24,20 @@ def orders(B, seed=1):
 
 def logits_by_order_index(m, codes, labels, order):
     """Training forward; logits [B, N, V] where index i predicts the token at order[:, i]."""
-    seq, targets = m.train_inputs(codes, labels, 0, None, order=order)
+    seq, targets = m.ordering.train_inputs(codes, labels, 0, None, order=order)
     with torch.no_grad():
         return m.backbone(seq)
 
 
+def caps(m):
+    return m.ordering.capabilities
+
+
 @pytest.mark.parametrize("variant,flavour", VALID)
-def test_causal_in_permuted_order(variant, flavour):
+def test_causal_in_its_own_training_order(variant, flavour):
     m = make_module(variant, flavour)
     codes, labels = batch()
-    order = orders(3) if variant != "raster" else torch.arange(N).expand(3, -1)
+    order = m.ordering.train_order(3, 0, torch.Generator().manual_seed(1))  # [3, N], the order it trains in
     base = logits_by_order_index(m, codes, labels, order)
     for k in (0, 5, N - 2):
         changed = codes.clone()
@@ -59,9 +64,8 @@ def decode_logits(m, codes, labels, order, num_steps, mode="official"):
 def test_kv_cache_decode_equals_full_forward(variant, flavour):
     m = make_module(variant, flavour)
     codes, labels = batch()
-    order = orders(3) if variant in ("randar",) else orders(1).expand(3, -1)
-    if variant in ("raster", "rar"):
-        order = torch.arange(N).expand(3, -1)  # they decode in raster order
+    # the order the ordering itself decodes in (per sample or one per batch, fixed scans their scan)
+    order = m.ordering.decode_plan(3, N, "one_per_step", torch.Generator().manual_seed(1)).order
     full = logits_by_order_index(m, codes, labels, order)
     rec = decode_logits(m, codes, labels, order, N)  # one token per step
     for t, r in enumerate(rec):
@@ -85,10 +89,14 @@ def test_randar_overwrite_steps_match_training_context():
         done += n
 
 
-@pytest.mark.parametrize("variant", ["randar", "arpg"])
+@pytest.mark.parametrize("variant,flavour", VALID)
 @pytest.mark.parametrize("steps", [1, 2, 7, N])
-def test_every_position_generated_exactly_once(variant, steps):
-    m = make_module(variant)
+def test_every_position_generated_exactly_once(variant, flavour, steps):
+    m = make_module(variant, flavour)
+    if not caps(m).parallel and steps != N:
+        with pytest.raises(ValueError, match="sample"):  # one token per step: a clear error, not a wrong image
+            generate(m, torch.tensor([0]), m.sample_settings(num_steps=steps), torch.Generator().manual_seed(0))
+        return
     rec = []
     labels = torch.tensor([0, 1, 2])
     out = generate(m, labels, m.sample_settings(num_steps=steps, cfg_scale=3.0), torch.Generator().manual_seed(0),
@@ -113,15 +121,15 @@ def test_same_seed_same_samples(variant, flavour):
 
 def test_rar_ratio_endpoints_and_midpoint():
     m = make_module("rar", rar_anneal_start=0.5, rar_anneal_end=0.75)  # max_steps = 100
-    assert [m.random_ratio(s) for s in (0, 50, 62, 75, 100)] == [1.0, 1.0, pytest.approx(0.52), 0.0, 0.0]
-    assert m.random_ratio(int(62.5 * 2) // 2) == pytest.approx(0.52)
+    assert [m.ordering.random_ratio(s) for s in (0, 50, 62, 75, 100)] == [1.0, 1.0, pytest.approx(0.52), 0.0, 0.0]
+    assert m.ordering.random_ratio(int(62.5 * 2) // 2) == pytest.approx(0.52)
 
 
 def test_rar_draws_random_orders_only_while_r_positive():
     m = make_module("rar", rar_anneal_start=0.5, rar_anneal_end=0.75)
     g = torch.Generator().manual_seed(0)
-    early = m.train_order(64, 0, g)
-    late = m.train_order(64, 90, g)
+    early = m.ordering.train_order(64, 0, g)
+    late = m.ordering.train_order(64, 90, g)
     assert (early != torch.arange(N)).any(1).float().mean() > 0.9
     assert torch.equal(late, torch.arange(N).expand(64, -1))
 
@@ -150,3 +158,25 @@ def test_consistent_mode_hides_step_mates():
     last = -1
     assert torch.equal(official[last]["logits_cond"][:, 0], consistent[last]["logits_cond"][:, 0])
     assert (official[last]["logits_cond"][:, 1:] - consistent[last]["logits_cond"][:, 1:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_declared_capabilities_match_what_the_ordering_does(variant, flavour):
+    m = make_module(variant, flavour)
+    c, g = caps(m), torch.Generator().manual_seed(0)
+    # any_order <=> a known position is decoded first (the last raster position: only a reordering moves it)
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[-1] = True
+    known = (mask, torch.zeros(1, N, dtype=torch.long))
+    steps = N - 1 if c.parallel else N
+    plan = m.ordering.decode_plan(1, steps, m.sample_settings().schedule, g, known)
+    assert (plan.num_known == 1 and int(plan.order[0, 0]) == N - 1) == c.any_order
+    # every declared schedule decodes a whole image (order policies included); a parallel one in fewer steps
+    for schedule in c.schedules:
+        steps = 5 if c.parallel and schedule != "one_per_step" else N
+        out = generate(m, torch.tensor([0, 1]), m.sample_settings(schedule=schedule, num_steps=steps), g)
+        assert ((out >= 0) & (out < V)).all(), schedule
+    # per_sample_orders: two samples of one batch get different orders (or never, for one order per batch)
+    if c.any_order:
+        order = m.ordering.decode_plan(4, N, "one_per_step", g).order
+        assert (not torch.equal(order[0], order[1])) == c.per_sample_orders

@@ -61,7 +61,7 @@ def test_deepspeed_config_follows_the_experiment_config(preset, stage, offload):
     from experiments.build import build_lightning_module
 
     module = build_lightning_module(cfg, (4, 4))
-    assert bool(module.optim.get("cpu_adam")) == offload
+    assert module.cpu_adam == offload
     assert deepspeed_config(cfg_with(preset, *CPU2, "trainer.precision=bf16-mixed"))["bf16"] == {"enabled": True}
 
 

@@ -131,7 +131,7 @@ def run_fixture(path_or_dict, atol: float = 1e-4) -> ParityReport:
 
 def _teacher_forced(module, tokens, labels, order, seq_edit=None):
     """Our training forward over a fixed order -> (logits, targets); ``seq_edit`` may adjust the Seq first."""
-    seq, targets = module.train_inputs(tokens, labels, 0, None, order=order)
+    seq, targets = module.ordering.train_inputs(tokens, labels, 0, None, order=order)
     if seq_edit is not None:
         seq_edit(seq)
     return module.backbone(seq), targets

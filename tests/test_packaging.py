@@ -191,8 +191,11 @@ def test_wheel_beside_huggingface_tokenizers(wheel, hf_wheels, farm, tmp_path):
     assert not missing, f"console scripts not installed: {missing}"
     loaded = json.loads(run([py, "-c", ENTRY_POINTS], cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert sorted(loaded) == sorted(SCRIPTS) and all(loaded.values()), loaded
-    assert "usage: roar-train" in run([os.path.join(tmp_path, "venv", "bin", "roar-train"), "--help"],
-                                      cwd=tmp_path).stdout
+    roar_train = os.path.join(tmp_path, "venv", "bin", "roar-train")
+    assert "usage: roar-train" in run([roar_train, "--help"], cwd=tmp_path).stdout
+    # the shipped presets resolve from any working directory (they live in site-packages/experiments/configs)
+    assert "variant: raster" in run([roar_train, "-c", "experiments/configs/debug_raster.yaml", "--print-config"],
+                                    cwd=tmp_path).stdout
 
 
 def test_wheel_without_huggingface_tokenizers(wheel, farm, tmp_path):

@@ -11,7 +11,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 venv: $(STAMP)
 
 # torch first and pinned, so no resolver ever picks torch; then the project with its dev extras.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)

@@ -27,3 +27,12 @@ def parse_config(args):
         return load_config(args.config, args.overrides)
     except ConfigError as err:
         fail(f"config {err}")
+
+
+def pretokenize(argv=None) -> int:
+    """``roar-pretokenize``. The console script enters here, not at tokenizers.pretokenize: in an installed wheel
+    ``import tokenizers`` alone finds Hugging Face's package, and importing this package first (its __init__
+    runs lightning_modules.compat) is what makes ``tokenizers.pretokenize`` ours."""
+    from tokenizers.pretokenize import cli
+
+    return cli(argv)

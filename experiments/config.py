@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,12 +127,22 @@ def _is_string_field(cfg: DictConfig, key: str) -> bool:
     return isinstance(parent, DictConfig) and isinstance(parent._get_node(leaf), StringNode)
 
 
+def _preset_path(path: str) -> str:
+    """``path`` itself when it exists; else, for a relative path, the same path under the folder that holds the
+    ``experiments`` package: the shipped presets (``experiments/configs/...``) are found from any working
+    directory, in a checkout and in an installed wheel (site-packages/experiments/configs) alike."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return shipped if os.path.isfile(shipped) else path
+
+
 def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictConfig:
     """Defaults <- each YAML in order <- dotlist overrides; then ``validate``. Raises ConfigError."""
     cfg = OmegaConf.structured(ExperimentConfig)
     for path in yaml_files:
         try:
-            layer = OmegaConf.load(path)
+            layer = OmegaConf.load(_preset_path(path))
         except FileNotFoundError:
             raise ConfigError("-c", f"config file not found: {path}") from None
         except Exception as err:  # YAML syntax

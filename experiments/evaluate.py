@@ -113,11 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``roar-evaluate`` / ``python -m experiments.evaluate``: main() with an exit code instead of the metrics."""
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError, KeyError) as e:  # config/file problems: one line, no traceback
         hint = (" [CLI flags: eval.reference = --ref, eval.extractor_weights / eval.inception_weights = "
                 "--extractor-weights]" if "eval." in str(e) else "")
         print(f"evaluate: error: {e}{hint}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

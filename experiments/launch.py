@@ -16,6 +16,7 @@ from runs/<name>/checkpoints/last.ckpt: up to trainer.ckpt_every_steps of progre
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import os
 import sys
@@ -158,6 +159,8 @@ def main(argv=None) -> int:
         print(f"  {job['name']}  {job['run_dir']}  {' '.join(job['point']) or '(no sweep)'}")
     if a.dry_run:
         return 0
+    if importlib.util.find_spec("submitit") is None:  # an optional extra: say so instead of a traceback
+        fail("--executor: submitit is not installed (pip install 'roar[slurm]')")
     executor = make_executor(a, plan[0]["cfg"])
     jobs = []
     for job in plan:

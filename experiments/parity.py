@@ -1,7 +1,7 @@
-"""Check our modules against official parity fixtures and decode traces (shared/fixtures/parity/README.md).
+"""Check our modules against official parity fixtures and decode traces (tests/assets/parity/README.md).
 
-    python -m experiments.parity --fixture ../shared/fixtures/parity/randar_tiny.pt
-    python -m experiments.parity --fixture a.pt --fixture decode_arpg_tiny.pt --atol 1e-5
+    python -m experiments.parity --fixture tests/assets/parity/randar_tiny.pt
+    python -m experiments.parity --fixture a.pt --fixture tests/assets/parity/decode_arpg_tiny.pt --atol 1e-5
 
 One line per output: file, output name, max |ours - official| (or the mismatch count for integer outputs such
 as VQ codes, decode positions and the final grid, which must be exact), ok/FAIL. The LAST line is the overall

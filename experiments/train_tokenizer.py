@@ -175,5 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``roar-train-tokenizer``: main() returns the metrics (for tests and callers); a console script needs an exit code."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -9,7 +9,31 @@ import torch
 torch.set_num_threads(2)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
-FIXTURES = os.path.join(SHARED, "fixtures", "parity")
+VENDORED_FIXTURES = os.path.join(REPO, "tests", "assets", "parity")  # the tiny fixtures, traces, schedules, manifest
+
+
+def _parity_fixtures() -> str:
+    """ROAR_PARITY_FIXTURES if set; else ../shared/fixtures/parity (the full set, `small` sizes included) when it
+    exists; else the vendored copy, so that a clean clone runs every parity test but the `small` ones."""
+    env = os.environ.get("ROAR_PARITY_FIXTURES")
+    if env:
+        if not os.path.isdir(env):
+            raise RuntimeError(f"ROAR_PARITY_FIXTURES={env} is not a directory")
+        return os.path.abspath(env)
+    full = os.path.join(SHARED, "fixtures", "parity")
+    return full if os.path.isdir(full) else VENDORED_FIXTURES
+
+
+FIXTURES = _parity_fixtures()
+
+
+def parity_fixture(name: str) -> str:
+    """Path of fixture ``name`` (e.g. "randar_small.pt"); skips, naming it, when this fixture set lacks it."""
+    path = os.path.join(FIXTURES, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"parity fixture {name} is not in {FIXTURES} (the vendored set has the tiny sizes only; "
+                    f"ROAR_PARITY_FIXTURES=<full set> runs it)")
+    return path
 
 from lightning_modules.backbones import FLAVOURS  # noqa: E402
 from lightning_modules.variants import capabilities, variant_names  # noqa: E402

@@ -13,8 +13,6 @@ from conftest import FIXTURES
 from experiments import parity
 from lightning_modules.official.parity import run_trace
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES),
-                                reason=f"parity fixtures not found at {FIXTURES} (clean clone without ../shared)")
 TRACES = sorted(glob.glob(os.path.join(FIXTURES, "decode_*.pt")))
 LAST = re.compile(r"^max_abs_diff (\d\.\d{3}e[+-]\d{2})$")
 

@@ -11,12 +11,15 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, parity_fixture
 from experiments import parity
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES),
-                                reason=f"parity fixtures not found at {FIXTURES} (clean clone without ../shared)")
-FILES = sorted(f for f in glob.glob(os.path.join(FIXTURES, "*.pt")) if not os.path.basename(f).startswith("decode_"))
+FAMILIES = ("llamagen_gpt", "randar", "arpg", "rar", "llamagen_vq", "maskgit_vq")
+# every family at both sizes, named even when this fixture set lacks the `small` ones (they skip, saying so),
+# plus any other teacher-forced file found in the set
+NAMES = sorted({f"{family}_{size}.pt" for family in FAMILIES for size in ("tiny", "small")}
+               | {os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES, "*.pt"))
+                  if not os.path.basename(f).startswith("decode_")})
 LAST = re.compile(r"^max_abs_diff (\d\.\d{3}e[+-]\d{2})$")
 ATOL = 1e-4
 
@@ -27,8 +30,9 @@ def run_cli(capsys, *argv) -> tuple[int, list[str], str]:
     return code, out.out.strip().splitlines(), out.err
 
 
-@pytest.mark.parametrize("path", FILES, ids=[os.path.basename(f) for f in FILES])
-def test_fixture_passes(capsys, path):
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_passes(capsys, name):
+    path = parity_fixture(name)
     code, lines, err = run_cli(capsys, "--fixture", path, "--atol", str(ATOL))
     assert code == 0, "\n".join(lines) + err
     m = LAST.match(lines[-1])
@@ -46,9 +50,10 @@ def test_fixture_passes(capsys, path):
 
 
 def test_every_shipped_file_is_covered():
-    every = sorted(glob.glob(os.path.join(FIXTURES, "*.pt")))
-    traces = [f for f in every if os.path.basename(f).startswith("decode_")]
-    assert len(FILES) >= 12 and len(traces) >= 4 and sorted(FILES + traces) == every
+    every = sorted(os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES, "*.pt")))
+    traces = [f for f in every if f.startswith("decode_")]
+    assert {f"{family}_tiny.pt" for family in FAMILIES} <= set(every), every  # the vendored minimum
+    assert len(traces) >= 4 and sorted(set(every) - set(traces)) == sorted(set(NAMES) & set(every))
 
 
 def test_stored_kv_cache_logits_are_checked(capsys):

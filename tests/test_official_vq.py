@@ -3,28 +3,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import pytest
 import torch
 
+from conftest import parity_fixture
 from lightning_modules.official import llamagen_vq, maskgit_vq
 from lightning_modules.official.checkpoint_io import (UnsafeCheckpointError, load_state_dict_file,
                                                        save_state_dict_file, save_tokenizer, strict_load)
 from tokenizers.registry import build_tokenizer
 from tokenizers.vq import LlamaGenVQ
 
-MANIFEST = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "shared", "fixtures", "parity", "manifest_full_size.json")
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def manifest_entry(name: str) -> dict:
-    if not os.path.isfile(MANIFEST):
-        pytest.skip(f"{MANIFEST} not available")
-    with open(MANIFEST) as f:
+    with open(parity_fixture("manifest_full_size.json")) as f:
         return json.load(f)[name]
 
 

@@ -3,21 +3,16 @@ plus the invariants every step schedule keeps for any step count: exactly T non-
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import parity_fixture
 from lightning_modules.schedules import arpg_counts, cfg_scale, randar_counts, rar_random_ratio, step_counts
-
-SCHEDULES = os.path.join(FIXTURES, "schedules.json")
-pytestmark = pytest.mark.skipif(not os.path.isfile(SCHEDULES),
-                                reason=f"parity fixtures not found at {SCHEDULES} (clean clone without ../shared)")
 
 
 @pytest.fixture(scope="module")
 def official():
-    with open(SCHEDULES) as f:
+    with open(parity_fixture("schedules.json")) as f:
         return json.load(f)
 
 

@@ -1,27 +1,20 @@
 """LlamaGen VQ and MaskGIT VQGAN: protocol shapes/ranges, official parity fixtures, STE gradients, l2 codebook."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import parity_fixture
 from tokenizers.maskgit_vq import MaskGITVQ
 from tokenizers.registry import build_tokenizer
 from tokenizers.vq import LlamaGenVQ
-
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "shared", "fixtures", "parity")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture(name: str) -> dict:
-    path = os.path.join(FIXTURES, f"{name}.pt")
-    if not os.path.isfile(path):
-        pytest.skip(f"parity fixture {path} not available")
-    return torch.load(path, weights_only=True)
+    return torch.load(parity_fixture(f"{name}.pt"), weights_only=True)
 
 
 def random_pixels(b: int, size: int, seed: int = 0) -> torch.Tensor:

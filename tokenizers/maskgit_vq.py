@@ -1,4 +1,4 @@
-"""MaskGIT VQGAN (the frozen RAR tokenizer), written from docs/methods/rar.md §7 and the parity README.
+"""MaskGIT VQGAN (the frozen RAR tokenizer), written from docs/methods/rar.md §7 and tests/assets/parity/README.md.
 
 Module names equal the 1d-tokenizer ``PretrainedTokenizer`` keys (encoder.down.{i}.block.{j}, encoder.mid.{j},
 decoder.up.{i}.block.{j}, decoder.up.{i}.upsample_conv, quantize.embedding.weight), so the released

@@ -293,5 +293,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     return merge_dir(args.out, world, timeout=args.merge_timeout) if rank == 0 else part
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``roar-pretokenize`` (through experiments.cli): main() returns the manifest; a console script needs an
+    exit code."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -1,4 +1,4 @@
-"""Run parity fixtures and decode traces (formats: shared/fixtures/parity/README.md) against our modules.
+"""Run parity fixtures and decode traces (formats: tests/assets/parity/README.md) against our modules.
 
     report = run_fixture("randar_tiny.pt")      # teacher-forced outputs; decode traces are dispatched to run_trace
     report = run_trace("decode_arpg_tiny.pt")   # the sampler, step by step, with the official tokens forced

@@ -36,7 +36,9 @@ EVAL_CACHE = "ablation_eval.json"
 
 @dataclass
 class SweepAxes:
-    variants: list = field(default_factory=list)  # [] = every registered ordering (lightning_modules/variants.py)
+    # orderings and scans on one axis: "raster", "randar", "scan@spiral_in" (the scan ordering over a scan),
+    # "rar@zcurve" (RAR annealing towards z-curve); [] = every registered ordering (lightning_modules/variants.py)
+    variants: list = field(default_factory=list)
     sizes: list = field(default_factory=list)  # [] = the base preset's model.size
     seeds: list = field(default_factory=lambda: [0])
     decode_steps: list = field(default_factory=lambda: [0])  # 0 = the ordering's default
@@ -113,14 +115,26 @@ def load_sweep(path: str, overrides: list[str] = ()) -> DictConfig:
     return sweep
 
 
+def arm_spec(spec: str) -> tuple[str, list[str]]:
+    """An axes.variants entry -> (its label for run names and tables, its config overrides).
+
+    "randar" -> ("randar", [model.variant=randar]); "scan@hilbert" -> ("scan-hilbert", [model.variant=scan,
+    model.scan=hilbert]): a scan is part of the ordering axis, so scans and orderings sweep as one. ("@", not ":",
+    so that the entries stay plain YAML in a flow list: axes.variants=[raster,scan@hilbert].)"""
+    variant, _, scan = str(spec).partition("@")
+    overrides = [f"model.variant={variant}"] + ([f"model.scan={scan}"] if scan else [])
+    return (f"{variant}-{scan}" if scan else variant), overrides
+
+
 def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
     """variants x sizes x seeds, each the base preset + overrides + its axis values; equal compute asserted."""
     arms = []
     base_size = load_config([sweep.base], list(sweep.overrides)).model.size
-    for variant in sweep.axes.variants:
+    for spec in sweep.axes.variants:
+        variant, ordering_overrides = arm_spec(spec)
         for size in list(sweep.axes.sizes) or [base_size]:
             for seed in sweep.axes.seeds:
-                cfg = load_config([sweep.base], [*sweep.overrides, *extra, f"model.variant={variant}",
+                cfg = load_config([sweep.base], [*sweep.overrides, *extra, *ordering_overrides,
                                                  f"model.size={size}", f"seed={seed}", f"out_dir={sweep.out_dir}"])
                 name = sweep.run_name.format(variant=variant, size=size, seed=seed, hash=config_hash(cfg))
                 cfg.name = name

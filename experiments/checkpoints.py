@@ -3,7 +3,9 @@
 Accepted paths:
   - an import folder written by ``experiments.import_official``: roar.json + model.safetensors;
   - a ``.safetensors`` file with roar.json next to it (or the same JSON embedded in its metadata);
-  - a Lightning ``.ckpt`` of ours (read with weights_only=True; ``ema=True`` takes the EMA callback's weights);
+  - a Lightning ``.ckpt`` of ours (read with weights_only=True; ``ema=True`` takes the EMA callback's weights,
+    ``ema="auto"`` takes them when the checkpoint has them and the live weights otherwise; ``spec["weights_used"]``
+    says which);
   - a run folder (runs/<name>/) holding checkpoints/last.ckpt.
 Loading is strict (every missing / unexpected key and shape mismatch named); a checkpoint made for another
 vocabulary or another tokenizer is refused with both sides named.
@@ -56,7 +58,7 @@ def _read_safetensors(path: str) -> tuple[dict, dict]:
     return _import_spec(spec_meta, path), load_file(path, device="cpu")
 
 
-def _read_lightning(path: str, ema: bool) -> tuple[dict, dict]:
+def _read_lightning(path: str, ema: bool | str) -> tuple[dict, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -69,18 +71,23 @@ def _read_lightning(path: str, ema: bool) -> tuple[dict, dict]:
                               f"import official weights with python -m experiments.import_official")
     hp, roar = dict(ckpt["hyper_parameters"]), ckpt.get("roar", {})
     sd = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    used = "live"
     if ema:
         shadows = [s["shadow"] for s in ckpt.get("callbacks", {}).values() if isinstance(s, dict) and "shadow" in s]
-        if not shadows:
-            raise CheckpointError(f"{path}: ema=True but the checkpoint holds no EMA weights")
-        sd.update({k: v for k, v in shadows[0].items() if k in sd})
+        if not shadows and ema is True:
+            raise CheckpointError(f"{path}: ema=True but the checkpoint holds no EMA weights (trained with "
+                                  f"callbacks.ema_decay=0)")
+        if shadows:
+            sd.update({k: v for k, v in shadows[0].items() if k in sd})
+            used = "ema"
     spec = {"model": hp["model"], "tokenizer": hp["tokenizer"], "sample": hp.get("sample"), "optim": hp.get("optim"),
             "seed": hp.get("seed", 0), "max_steps": hp.get("max_steps", 1000), "vocab_size": roar.get("vocab_size"),
-            "tokenizer_fingerprint": roar.get("tokenizer_fingerprint"), "weights": path, "kind": "lightning"}
+            "tokenizer_fingerprint": roar.get("tokenizer_fingerprint"), "weights": path, "kind": "lightning",
+            "weights_used": used}
     return spec, sd
 
 
-def read_checkpoint(path: str, ema: bool = False) -> tuple[dict, dict]:
+def read_checkpoint(path: str, ema: bool | str = False) -> tuple[dict, dict]:
     """-> (spec: model / tokenizer / sample sections + what the file records, backbone state dict in our names)."""
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -97,7 +104,7 @@ def read_checkpoint(path: str, ema: bool = False) -> tuple[dict, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     if path.endswith(".safetensors"):
-        if ema:
+        if ema is True:
             raise CheckpointError(f"{path}: ema=True needs a Lightning checkpoint (imports were made with --ema)")
         return _read_safetensors(path)
     return _read_lightning(path, ema)
@@ -123,7 +130,7 @@ def check_tokenizer(module, spec: dict, where: str) -> None:
                                      f"the configured {ours} (fingerprint {module.tokenizer_fingerprint})")
 
 
-def load_generator(path: str, device="cpu", ema: bool = False, tokenizer: dict | None = None):
+def load_generator(path: str, device="cpu", ema: bool | str = False, tokenizer: dict | None = None):
     """An ARModule in eval mode with the checkpoint's weights and sampling defaults.
 
     ``tokenizer`` (a tokenizer section, e.g. {"build": {"kind": "llamagen_vq", "path": ...}}) replaces the recorded
@@ -135,6 +142,7 @@ def load_generator(path: str, device="cpu", ema: bool = False, tokenizer: dict |
     module = build_module(spec["model"], tokenizer or spec["tokenizer"], sample=spec.get("sample"), **kwargs)
     check_tokenizer(module, spec, os.fspath(path))
     strict_load(module.backbone, sd, os.fspath(path))
+    module.weights_used = spec.get("weights_used", "as stored")  # "ema" / "live" (Lightning), or an import/export
     return module.to(device).eval()
 
 

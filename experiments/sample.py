@@ -23,7 +23,8 @@ from experiments.cli import fail
 
 def knob_name(module, settings, seed: int, n: int) -> str:
     s = settings
-    variant = type(module).__name__.replace("Module", "").lower()
+    m = module.model_cfg
+    variant = m.variant + (f"-{m.scan}" if "scan" in module.ordering.reads and m.scan != "raster" else "")
     return (f"{variant}_steps{s.num_steps}-{s.schedule}_cfg{s.cfg_scale:g}-{s.cfg_schedule}-p{s.cfg_power:g}"
             f"_t{s.temperature:g}_k{s.top_k}_p{s.top_p:g}_{s.mode}{non_default(s)}_seed{seed}_n{n}")
 
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-ema", action="store_true", help="use the live weights even when EMA weights exist")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the live weights even when EMA weights exist (default: EMA when the checkpoint has it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("overrides", nargs="*", metavar="sample.key=value")
     a = p.parse_args(argv)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     from experiments.checkpoints import load_generator
 
     try:
-        module = load_generator(a.ckpt, ema=not a.no_ema).to(a.device).eval()
+        module = load_generator(a.ckpt, ema=False if a.no_ema else "auto").to(a.device).eval()
     except (FileNotFoundError, ValueError) as err:
         fail(str(err).splitlines()[0], 1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -88,7 +90,10 @@ def main(argv=None) -> int:
         torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     classes = [int(c) for c in a.classes.split(",") if c] or list(range(module.backbone.num_classes))
     labels = torch.tensor(classes)[class_balanced_labels(len(classes), a.per_class)]
-    settings = module.sample_settings(**overrides)
+    try:
+        settings = module.checked_sample_settings(**overrides)
+    except ValueError as err:
+        fail(str(err))
     name = knob_name(module, settings, a.seed, len(labels))
     os.makedirs(a.out, exist_ok=True)
     parts = sample_all(module, labels, a.batch_size, a.seed, rank, world, **overrides)
@@ -105,7 +110,7 @@ def main(argv=None) -> int:
         shown = images[: len(classes) * min(a.per_class, 8)]
         png = save_png(image_grid(shown, nrow=len(classes), scale=upscale_for_display(images)),
                        os.path.join(a.out, f"{name}.png"))
-        print(f"sample: {len(images)} images -> {npz} and {png}")
+        print(f"sample: {len(images)} images ({module.weights_used} weights) -> {npz} and {png}")
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 from omegaconf import OmegaConf
 
 from experiments.cli import config_parser, fail, parse_config
-from experiments.config import batch_layout, config_hash, run_name
+from experiments.config import ConfigError, batch_layout, config_hash, run_name
 
 
 def git_sha() -> str:
@@ -58,6 +58,11 @@ def run(cfg, quiet: bool = False) -> dict:
     world, micro, accumulate = batch_layout(cfg)
     dm, grid = build_datamodule(cfg, micro)
     module = build_lightning_module(cfg, grid)
+    try:  # sample settings the ordering cannot decode with fail now, not at the first sample grid
+        module.checked_sample_settings()
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        raise ConfigError(key, message) from None
     if cfg.init_from:
         from experiments.checkpoints import load_weights_into
 
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
 
     try:
         run(cfg)
+    except ConfigError as err:
+        fail(f"config {err}")
     except (FileNotFoundError, TokenizerMismatchError, CheckpointError, NonFiniteLossError) as err:
         fail(str(err), 1)  # expected failures: one line naming the cause, no traceback
     return 0

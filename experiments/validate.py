@@ -43,6 +43,11 @@ def validate_ordering(cfg: DictConfig):
         ordering = ordering_class(m.variant)
     except ValueError as err:
         raise ConfigError("model.variant", str(err).split(": ", 1)[-1]) from None
+    if "scan" in ordering.reads:
+        from lightning_modules.scans import SCANS
+
+        _choice(m.scan, SCANS, "model.scan")
+        _check(m.scan_seed >= 0, "model.scan_seed", f"{m.scan_seed} must be >= 0")
     flavours = ordering.capabilities.flavours
     _check(m.flavour in flavours, "model.flavour",
            f"the {m.variant} ordering runs on {list(flavours)}, not {m.flavour!r}")

@@ -22,6 +22,9 @@ from lightning_modules.sampling import SampleSettings, generate
 from tokenizers.base import TokenizerMismatchError
 from tokenizers.registry import build_tokenizer
 
+ORDER_QUARTERS = 4  # val/nll_by_order_q1..q4: NLL of the first .. last quarter of the tokens in decode order
+
+
 class NonFiniteLossError(RuntimeError):
     """optim.max_nonfinite_in_a_row non-finite losses in a row; the one-line message names the count and key."""
 
@@ -115,11 +118,22 @@ class ARModule(L.LightningModule):
         if self.compile and self._compiled is None:
             self._compiled = [torch.compile(self.backbone)]
 
-    def loss_on(self, codes, labels, step: int, generator) -> torch.Tensor:
-        seq, targets = self.ordering.train_inputs(codes, labels, step, generator)
+    def logits_on(self, codes, labels, step: int, generator, order=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced forward -> (logits [B, N, V], targets [B, N]), both in the ordering's decode order."""
+        seq, targets = self.ordering.train_inputs(codes, labels, step, generator, order=order)
         forward = self._compiled[0] if self._compiled is not None and self.training else self.backbone
-        logits = forward(seq)  # [B, M, V]
+        return forward(seq), targets
+
+    def loss_on(self, codes, labels, step: int, generator) -> torch.Tensor:
+        logits, targets = self.logits_on(codes, labels, step, generator)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def token_nll(self, codes, labels, generator, order=None, step: int | None = None) -> torch.Tensor:
+        """NLL in nats per token, float [B, N], column i = the token decoded i-th (``order`` [B, N] or the
+        ordering's own order at ``step``, default the end of training: what validation measures)."""
+        step = self.hparams.max_steps if step is None else step
+        logits, targets = self.logits_on(codes, labels, step, generator, order)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
@@ -164,8 +178,14 @@ class ARModule(L.LightningModule):
         # with a generator fixed per batch so every evaluation of every run sees the same orders.
         g = make_generator(derive_seed(self.hparams.seed, 7, batch_idx, self.global_rank), self.device)
         codes = self.codes_from_batch(batch)
-        loss = self.loss_on(codes, batch["label"], self.hparams.max_steps, g)
-        self.log("val/nll", loss / math.log(2), prog_bar=True, sync_dist=True, batch_size=codes.shape[0])
+        logits, targets = self.logits_on(codes, batch["label"], self.hparams.max_steps, g)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        B = codes.shape[0]
+        self.log("val/nll", loss / math.log(2), prog_bar=True, sync_dist=True, batch_size=B)
+        # NLL by position in the generation order: quarter q of the tokens decoded (q1 = the first, least context)
+        per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        for q, part in enumerate(per_token.tensor_split(ORDER_QUARTERS, dim=1)):
+            self.log(f"val/nll_by_order_q{q + 1}", part.mean() / math.log(2), sync_dist=True, batch_size=B)
         return loss
 
     def on_validation_epoch_end(self):
@@ -211,6 +231,21 @@ class ARModule(L.LightningModule):
             s["num_steps"] = self.ordering.default_num_steps(self.num_positions)
         fields = SampleSettings.__dataclass_fields__
         return SampleSettings(**{k: v for k, v in s.items() if k in fields})
+
+    def checked_sample_settings(self, **overrides) -> SampleSettings:
+        """sample_settings(), refused with one ValueError line naming the sample.* key when the ordering cannot
+        decode with them (e.g. sample.num_steps=8 for a one-token-per-step ordering), before any sampling."""
+        s = self.sample_settings(**overrides)
+        probe = make_generator(0, self.device)
+        try:
+            self.ordering.decode_plan(1, s.num_steps, s.schedule, probe, device=self.device)
+        except ValueError as err:
+            msg = str(err).splitlines()[0]
+            raise ValueError(msg if msg.startswith("sample.") else f"sample: {msg}") from None
+        if not self.ordering.capabilities.parallel and s.num_steps != self.num_positions:
+            raise ValueError(f"sample.num_steps: {self.model_cfg.variant} decodes one token per step, so it needs "
+                             f"{self.num_positions} steps (0 = that default), got {s.num_steps}")
+        return s
 
     @torch.no_grad()
     def sample_codes(self, labels: torch.Tensor, seed: int, **overrides) -> torch.Tensor:

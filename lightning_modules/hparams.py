@@ -45,6 +45,8 @@ class ModelConfig:
     grad_checkpointing: bool = False
     rar_anneal_start: float = 0.5  # RAR: r = 1 until this fraction of training ...
     rar_anneal_end: float = 0.75  # ... then linear to 0 here (paper: epochs 200 -> 300 of 400)
+    scan: str = "raster"  # the fixed order of the scan ordering, and RAR's target order (lightning_modules/scans.py)
+    scan_seed: int = 0  # scan=fixed_random: which permutation
     llama: LlamaOptions = field(default_factory=LlamaOptions)
     rar_vit: RarVitOptions = field(default_factory=RarVitOptions)
 

@@ -1,4 +1,5 @@
-"""Order policies: ``sample.schedule`` values that choose *where* an any-order ordering decodes, not how many.
+"""Order policies: ``sample.schedule`` values that choose *where* an any-order ordering decodes, not how many:
+``locality`` (lightning_modules/locality.py) and ``halton`` (lightning_modules/halton.py).
 
 A policy keeps the step sizes of the ordering's default count schedule (RandAR's cosine, ARPG's arccos) over the
 unknown positions and replaces the random decode order by a structured one. Every policy is an order function
@@ -10,6 +11,7 @@ registered below; orderings that declare ``any_order`` route ``sample.schedule=<
 """
 from __future__ import annotations
 
+from lightning_modules.halton import HALTON, halton_order
 from lightning_modules.locality import LOCALITY, locality_order
 from lightning_modules.sampling import DecodePlan
 from lightning_modules.schedules import step_counts
@@ -38,4 +40,8 @@ def _locality(ordering, batch, num_steps, generator, known=None, order=None, per
     return policy_plan(locality_order, ordering, batch, num_steps, generator, known, order, per_sample, device)
 
 
-ORDER_POLICIES = {LOCALITY: _locality}
+def _halton(ordering, batch, num_steps, generator, known=None, order=None, per_sample=True, device=None):
+    return policy_plan(halton_order, ordering, batch, num_steps, generator, known, order, per_sample, device)
+
+
+ORDER_POLICIES = {LOCALITY: _locality, HALTON: _halton}

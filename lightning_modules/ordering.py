@@ -93,6 +93,17 @@ class Ordering:
         fixes the decode order (cross-order evaluation, tests, parity); otherwise the ordering draws it."""
         raise NotImplementedError
 
+    def eval_order(self, name: str, batch: int, generator, device=None) -> torch.Tensor:
+        """long [B, N] for cross-order evaluation: ``own`` (the order it validates in: the end of its training
+        schedule), ``random`` (a fresh permutation per sample) or any scan of lightning_modules/scans.py."""
+        if name == "own":
+            return self.train_order(batch, self.max_steps, generator, device)
+        if name == "random":
+            return random_orders(batch, self.num_positions, generator, device)
+        from lightning_modules.scans import scan_order
+
+        return scan_order(name, self.grid).to(device).expand(batch, -1)
+
     def train_logs(self, step: int) -> dict[str, float]:
         """Scalars worth logging at a training step (RAR: its permutation probability)."""
         return {}

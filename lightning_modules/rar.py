@@ -5,20 +5,24 @@ Training: per sample, a coin with probability r(step) picks a random permutation
 training; paper 200→300 of 400 epochs = 0.5→0.75) — a pure function of the global step. Every slot also
 carries the position it must predict next (target-aware position embedding). The sequence is the raster one
 (``next_token_inputs``) over the drawn order. Sampling is raster with a KV cache and RAR's pow-cosine CFG.
-At r = 0 the objective is exactly the raster objective.
+At r = 0 the objective is exactly the raster objective. ``model.scan`` makes the annealing end in any other scan
+(lightning_modules/scans.py: RAR Table 3's spiral in/out, z-curve, subsample, alternate, and the rest of the zoo);
+then sampling, validation and r = 0 use that scan.
 """
 from __future__ import annotations
 
 import torch
 
 from lightning_modules.base import ARModule
-from lightning_modules.raster import RasterOrdering
+from lightning_modules.scan import ScanOrdering
 from lightning_modules.schedules import rar_random_ratio
 
 
-class RAROrdering(RasterOrdering):
+class RAROrdering(ScanOrdering):
+    """Anneals from random orders to ``model.scan`` (raster by default; RAR Table 3 ablates the target scan)."""
+
     default_sample = dict(schedule="one_per_step", cfg_schedule="pow_cosine", cfg_power=1.0)
-    reads = ("rar_anneal_start", "rar_anneal_end")
+    reads = ("rar_anneal_start", "rar_anneal_end", *ScanOrdering.reads)
 
     def backbone_options(self, dims):
         return {"target_aware": True}

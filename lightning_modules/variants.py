@@ -15,6 +15,8 @@ VARIANTS = {
     "rar": "lightning_modules.rar:RARModule",
     "randar": "lightning_modules.randar:RandARModule",
     "arpg": "lightning_modules.arpg:ARPGModule",
+    "scan": "lightning_modules.scan:ScanModule",
+    "sigma_gpt": "lightning_modules.sigma_gpt:SigmaGPTModule",
 }
 PLUGINS_ENV = "ROAR_ORDERINGS"
 

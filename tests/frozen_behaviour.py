@@ -69,7 +69,7 @@ def arm_run(name: str, overrides: list[str], out_dir: str) -> dict:
             codes[sname] = module.sample_codes(labels, seed=3, **kw).flatten().tolist()
         except ValueError:
             continue
-    weights = sum(float(p.double().sum()) for p in module.backbone.parameters())
+    weights = sum(float(p.detach().double().sum()) for p in module.backbone.parameters())
     trainer.validate(module, datamodule=dm, verbose=False)  # val NLL: the end-of-schedule orders, fixed generators
     val = trainer.callback_metrics["val/nll"]
     return {"losses": losses, "codes": codes, "weight_sum": float(weights).hex(), "val_loss": float(val).hex()}

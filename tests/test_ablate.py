@@ -56,6 +56,17 @@ def test_sweep_arms_expand_with_equal_compute():
     assert len(seeds) == 2 * 2 * 2 and len({a.name for a in seeds}) == 8
 
 
+def test_scans_and_orderings_sweep_as_one_axis():
+    sweep = ablate.load_sweep(TINY, ["out_dir=/nowhere", "axes.variants=[raster,scan@hilbert,rar@zcurve,sigma_gpt]",
+                                     "run_name='{variant}-s{seed}'"])
+    arms = ablate.training_arms(sweep)
+    assert [a.name for a in arms] == ["raster-s0", "scan-hilbert-s0", "rar-zcurve-s0", "sigma_gpt-s0"]
+    assert [(a.cfg.model.variant, a.cfg.model.scan) for a in arms] == [
+        ("raster", "raster"), ("scan", "hilbert"), ("rar", "zcurve"), ("sigma_gpt", "raster")]
+    with pytest.raises(ConfigError, match="model.scan"):  # a scan the ordering does not read is refused
+        ablate.training_arms(ablate.load_sweep(TINY, ["axes.variants=[randar@hilbert]"]))
+
+
 def test_sweep_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="axes"):
         ablate.load_sweep(TINY, ["axes.colours=[1]"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_module
+from lightning_modules.variants import variant_names
 from lightning_modules.editing import (class_edit, inpaint, mask_to_grid, outpaint, region_mask, sees_all_known)
 from lightning_modules.extrapolation import (extrapolate, hierarchical_order, larger_grid, ntk_mixed_angles,
                                              rope_frequencies)
@@ -27,7 +28,7 @@ def run_task(m, task, region, seed=0):
     return codes, out, positions
 
 
-@pytest.mark.parametrize("variant", ["randar", "arpg", "raster"])
+@pytest.mark.parametrize("variant", variant_names())
 @pytest.mark.parametrize("task,region", [("inpaint", "center"), ("outpaint", "center"), ("edit", "left"),
                                          ("inpaint", "box:1,0,3,2"), ("outpaint", "bottom")])
 def test_edits_keep_known_and_generate_unknown_once(variant, task, region):
@@ -42,10 +43,10 @@ def test_edits_keep_known_and_generate_unknown_once(variant, task, region):
         decoded = positions[b].tolist()
         for p in unknown.tolist():
             assert decoded.count(p) == 1  # every unknown position generated exactly once
-        if variant in ("randar", "arpg"):  # known tokens are prefilled, never decoded
+        if m.ordering.capabilities.any_order:  # known tokens are prefilled, never decoded
             assert sorted(decoded) == unknown.tolist()
-        else:  # raster order walks every position; the loop keeps the known ones
-            assert decoded == list(range(16))
+        else:  # a fixed order walks every position; the loop keeps the known ones
+            assert decoded == m.ordering.decode_plan(1, 16, "one_per_step", None).order[0].tolist()
 
 
 def test_edit_changes_only_the_region_and_depends_on_the_class():

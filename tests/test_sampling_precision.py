@@ -37,7 +37,7 @@ def test_bf16_sampling_tracks_fp32_along_the_same_path(variant, flavour):
     logs = {}
     for precision in ("fp32", "bf16"):
         steps = []
-        s = m.sample_settings(num_steps=4 if variant in ("randar", "arpg") else 16, cfg_scale=2.0,
+        s = m.sample_settings(num_steps=4 if m.ordering.capabilities.parallel else 16, cfg_scale=2.0,
                               precision=precision)
         codes = generate(m, labels, s, torch.Generator().manual_seed(0), recorder=steps.append,
                          draw=lambda logits, pos: logits.argmax(-1))  # a path both precisions follow

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from experiments.config import load_config
 from experiments.train import run
+from lightning_modules.variants import variant_names
 
 DEMO = os.path.join(REPO, "experiments", "configs", "demo", "raster.yaml")
 
@@ -20,7 +21,7 @@ def cfg_for(tmp_path, variant, *extra):
                                 f"data.root={tmp_path}/digits", "trainer.global_batch_size=16", *extra])
 
 
-@pytest.mark.parametrize("variant", ["raster", "rar", "randar", "arpg"])
+@pytest.mark.parametrize("variant", variant_names())
 def test_fast_dev_run(tmp_path, variant):
     result = run(cfg_for(tmp_path, variant, "trainer.fast_dev_run=true", "callbacks.sample_every_steps=0"), quiet=True)
     assert result["steps"] == 1 and result["train_loss"] is not None

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.config import ConfigError, SampleConfig, config_hash, load_config
+from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_CACHE = "ablation_eval.json"
@@ -52,7 +53,7 @@ class SweepEval:
     batch_size: int = 100  # part of the sample-set protocol (labels and seeds per batch, as the FID callback)
     seed: int = 0
     extractor: str = "digits"  # digits | inception
-    extractor_weights: str = "runs/extractors/digits.safetensors"  # digits: trained (seconds) when missing
+    extractor_weights: str = DEFAULT_DIGITS_WEIGHTS  # digits: trained (seconds) when missing
     reference: str = "digits"  # see lightning_modules.metrics.reference.resolve_reference
     ips_samples: int = 0  # without FID: images sampled to time images/s (0 = batch_size)
     device: str = ""  # "" = cuda when available, else cpu

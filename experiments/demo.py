@@ -88,7 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="", help="comma-separated arms (default: the demo sweep's axes.variants)")
     p.add_argument("--vq-variants", default="raster", help="arms on the digits VQ's codes ('' = none)")
     p.add_argument("--vq-dir", default="runs/digits_vq", help="the digits VQ (trained here when missing)")
-    p.add_argument("--extractor", default="runs/extractors/digits.safetensors", help="digits FID extractor")
+    from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS
+
+    p.add_argument("--extractor", default=DEFAULT_DIGITS_WEIGHTS, help="digits FID extractor")
     a = p.parse_args(argv)
     a.variants = a.variants or ",".join(demo_arms())
     # all cores by default; ROAR_DEMO_THREADS=1 when another job shares the machine (OpenMP threads that wait

@@ -28,7 +28,9 @@ from lightning_modules.metrics.extractors import KINDS, load_extractor
 from lightning_modules.metrics.reference import NpzImages, extract_stats, png_folder, resolve_reference
 from lightning_modules.metrics.scores import IS_SPLITS, PR_K, fid_from_stats, precision_recall
 
-DEFAULT_WEIGHTS = {"digits": "runs/extractors/digits.safetensors", "inception": ""}
+from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS  # noqa: E402
+
+DEFAULT_WEIGHTS = {"digits": DEFAULT_DIGITS_WEIGHTS, "inception": ""}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +70,10 @@ def evaluate(samples: str, ref: str, extractor_kind: str = "inception", extracto
              ref_image_size: int = 0, num_splits: int = IS_SPLITS, pr: bool = True) -> dict:
     t0 = time.time()
     weights = DEFAULT_WEIGHTS[extractor_kind] if extractor_weights is None else extractor_weights
+    if extractor_kind == "digits" and weights == DEFAULT_DIGITS_WEIGHTS:
+        from experiments.fid_setup import ensure_digits_extractor
+
+        ensure_digits_extractor(weights)  # the default one is trained (deterministic, seconds) when missing
     extractor = load_extractor(extractor_kind, weights, device)     # fails before any heavy work
     count, shape, batches = open_samples(samples)
     reference = resolve_reference(ref, extractor, image_size=ref_image_size or int(shape[0]), count=ref_count,

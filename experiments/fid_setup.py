@@ -6,7 +6,7 @@ import os
 
 from omegaconf import DictConfig
 
-DEFAULT_DIGITS_EXTRACTOR = os.path.join(".cache", "extractors", "digits.safetensors")
+from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS as DEFAULT_DIGITS_EXTRACTOR
 
 
 def ensure_digits_extractor(path: str = DEFAULT_DIGITS_EXTRACTOR) -> str:

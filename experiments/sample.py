@@ -1,21 +1,29 @@
-"""Sample from a trained or imported generator: a PNG grid and an ADM-format .npz (arr_0 uint8 NHWC).
+"""Sample from a trained or imported generator: a class-balanced set as per-batch shards, merged into the ADM .npz
+(arr_0 uint8 NHWC, + labels), a PNG grid and a JSON record of the protocol.
 
     python -m experiments.sample --ckpt runs/<name>/checkpoints/last.ckpt --out samples/
-    python -m experiments.sample --ckpt imports/randar_L --out samples/ --per-class 50        # class-balanced 50k
-    torchrun --nproc-per-node 8 -m experiments.sample --ckpt ... --out ... --per-class 50  # split over GPUs
+    python -m experiments.sample --ckpt imports/randar_L --out samples/ --per-class 50        # the ADM 50k set
+    torchrun --nproc-per-node 8 -m experiments.sample --ckpt ... --out ... --per-class 50  # split over 8 GPUs
     python -m experiments.sample --ckpt ... --out ... sample.num_steps=32 sample.cfg_scale=4 sample.mode=consistent
 
-Every sampling knob is in the file name, e.g.
+The sample set is the project's one protocol (lightning_modules/sample_set.py): sample i has class i % C, batches
+of --batch-size (100) are drawn with seeds derived from --seed (0, as the FID callback's callbacks.sample_seed),
+so the set does not depend on the number of ranks, and the .npz of a checkpoint scores exactly the val/fid it
+logged in training. Every rank writes its own shards (<name>.shards/batch-XXXXXX.npz: images and codes); a killed
+run, started again with the same command, redoes only the missing shards; rank 0 streams them into <name>.npz, so
+no process ever holds the whole set. EMA weights are used when the checkpoint has them (else the live weights;
+--no-ema forces live); the log says which. Every sampling knob is in the file name, e.g.
 ``randar_steps22-randar_cosine_cfg4.0-linear-p1.0_t1.0_k0_p1.0_official_seed0_n40.npz``.
-Labels are class-balanced in class order (sample i has class i % C); batch b is sampled with seed
-derive(seed, b), so a sample set does not depend on the number of ranks.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import resource
+import time
 
-import numpy as np
 import torch
 
 from experiments.cli import fail
@@ -48,69 +56,111 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def class_balanced_labels(num_classes: int, per_class: int) -> torch.Tensor:
-    return torch.arange(num_classes * per_class) % num_classes
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def sample_all(module, labels: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-               **overrides) -> dict[int, torch.Tensor]:
-    """Batches b = rank, rank + world, ... ; returns {batch index: uint8 [b, 3, H, W]}."""
-    from lightning_modules.base import derive_seed
+def sample_shards(module, batches, folder: str, show: bool, **overrides) -> int:
+    """Sample every batch whose shard is missing; returns how many were sampled (this rank)."""
+    from experiments.sample_shards import done_batches, write_shard
+    from lightning_modules.progress import Progress
 
-    out = {}
-    for b in range(rank, (len(labels) + batch_size - 1) // batch_size, world):
-        chunk = labels[b * batch_size: (b + 1) * batch_size]
-        out[b] = module.sample_images(chunk, derive_seed(seed, b), **overrides).cpu()
-    return out
+    done = done_batches(folder)
+    todo = [b for b in batches if b.index not in done]
+    with Progress(sum(len(b.labels) for b in todo), "sample", "images", enabled=show) as bar:
+        for b in todo:
+            codes = module.sample_codes(b.labels, b.seed, **overrides)  # long [n, h, w]
+            images = module.tokenizer.decode(codes).cpu()  # uint8 [n, 3, H, W]
+            write_shard(folder, b.index, images=images.permute(0, 2, 3, 1).numpy(), codes=codes.cpu().numpy(),
+                        labels=b.labels.numpy(), samples=b.samples.numpy())
+            bar.update(len(b.labels))
+    return len(todo)
+
+
+def finish(a, module, settings, name: str, folder: str, classes: list[int], n: int, world: int, t0: float) -> None:
+    """Rank 0: check every shard is there, stream them into the .npz, draw the grid, write the JSON record."""
+    from experiments.sample_shards import done_batches, merge_shards, read_shard
+    from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
+    from lightning_modules.sample_set import num_batches
+
+    everything = list(range(num_batches(n, a.batch_size)))
+    missing = sorted(set(everything) - done_batches(folder))
+    if missing:
+        fail(f"{folder}: {len(missing)} of {len(everything)} shards missing (e.g. batch {missing[0]}): a rank failed; "
+             f"run the same command again to sample only those", 1)
+    npz = os.path.join(a.out, f"{name}.npz")
+    count = merge_shards(folder, everything, npz)
+    first = torch.from_numpy(read_shard(folder, 0)["images"]).permute(0, 3, 1, 2)
+    shown = first[: len(classes) * max(1, min(a.per_class, 8))]
+    png = save_png(image_grid(shown, nrow=min(len(classes), len(shown)), scale=upscale_for_display(first)),
+                   os.path.join(a.out, f"{name}.png"))
+    record = {"npz": npz, "png": png, "num_samples": count, "classes": classes, "batch_size": a.batch_size,
+              "seed": a.seed, "ranks": world, "weights": module.weights_used, "checkpoint": os.path.abspath(a.ckpt),
+              "settings": vars(settings), "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"sample: {count} images ({module.weights_used} weights) -> {npz} and {png}", flush=True)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], epilog=__doc__,
+    from lightning_modules.sample_set import BATCH
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our .ckpt, an export / import folder, or model.safetensors")
+    p.add_argument("--ckpt", required=True, help="our .ckpt, a run folder, an export / import folder, or a .safetensors")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (50 -> the ADM 50k protocol)")
+    p.add_argument("--num-samples", type=int, default=0, help="total samples instead of --per-class x classes")
     p.add_argument("--classes", default="", help="comma-separated class ids (default: all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=BATCH, help="the protocol's batch (one seed per batch)")
+    p.add_argument("--seed", type=int, default=0, help="the protocol's seed (the FID callback's callbacks.sample_seed)")
     p.add_argument("--no-ema", action="store_true",
                    help="use the live weights even when EMA weights exist (default: EMA when the checkpoint has it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--timeout-s", type=float, default=1800, help="how long ranks wait for each other at the end")
     p.add_argument("overrides", nargs="*", metavar="sample.key=value")
     a = p.parse_args(argv)
     overrides = parse_overrides(a.overrides)
-    from experiments.checkpoints import load_generator
+    from experiments.checkpoints import CheckpointError, load_generator
+    from experiments.sample_shards import shard_dir
+    from lightning_modules.sample_set import sample_batches
+    from tokenizers.base import TokenizerMismatchError
 
-    try:
-        module = load_generator(a.ckpt, ema=False if a.no_ema else "auto").to(a.device).eval()
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err).splitlines()[0], 1)
+    t0 = time.time()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-    classes = [int(c) for c in a.classes.split(",") if c] or list(range(module.backbone.num_classes))
-    labels = torch.tensor(classes)[class_balanced_labels(len(classes), a.per_class)]
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local}" if a.device == "cuda" and world > 1 else a.device
+    try:
+        module = load_generator(a.ckpt, ema=False if a.no_ema else "auto").to(device).eval()
+    except (FileNotFoundError, CheckpointError, TokenizerMismatchError, ValueError) as err:
+        fail(str(err).splitlines()[0], 2)
     try:
         settings = module.checked_sample_settings(**overrides)
     except ValueError as err:
         fail(str(err))
-    name = knob_name(module, settings, a.seed, len(labels))
-    os.makedirs(a.out, exist_ok=True)
-    parts = sample_all(module, labels, a.batch_size, a.seed, rank, world, **overrides)
+    classes = [int(c) for c in a.classes.split(",") if c] or list(range(module.backbone.num_classes))
+    bad = [c for c in classes if not 0 <= c < module.backbone.num_classes]
+    if bad:
+        fail(f"--classes: {bad} outside [0, {module.backbone.num_classes})")
+    n = a.num_samples or a.per_class * len(classes)
+    name = knob_name(module, settings, a.seed, n) + (f"_b{a.batch_size}" if a.batch_size != BATCH else "")
+    folder = shard_dir(a.out, name)
     if world > 1:
-        gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, parts)
-        parts = {k: v for d in gathered for k, v in d.items()}
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(seconds=a.timeout_s))
     if rank == 0:
-        from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
-
-        images = torch.cat([parts[b] for b in sorted(parts)])  # [n, 3, H, W], class-balanced order
-        npz = os.path.join(a.out, f"{name}.npz")
-        np.savez(npz, arr_0=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())
-        shown = images[: len(classes) * min(a.per_class, 8)]
-        png = save_png(image_grid(shown, nrow=len(classes), scale=upscale_for_display(images)),
-                       os.path.join(a.out, f"{name}.png"))
-        print(f"sample: {len(images)} images ({module.weights_used} weights) -> {npz} and {png}")
+        print(f"sample: {n} images in batches of {a.batch_size} over {world} rank(s), {module.weights_used} weights, "
+              f"{settings.num_steps} steps -> {folder}/", flush=True)
+    batches = sample_batches(n, classes, a.batch_size, a.seed, rank, world)
+    sampled = sample_shards(module, batches, folder, show=rank == 0, **overrides)
+    print(f"sample: rank {rank}: {sampled} batches sampled, {len(batches) - sampled} already on disk, peak memory "
+          f"{peak_rss_mb():.0f} MB", flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        finish(a, module, settings, name, folder, classes, n, world, t0)
+    if world > 1:
+        torch.distributed.destroy_process_group()
     return 0
 
 

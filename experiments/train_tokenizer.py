@@ -25,13 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS
+
 DEFAULTS = {
     "tokenizer": {"preset": "digits", "vq": {}},
     "data": {"image_size": 32, "upsample": "pil_bicubic", "batch_size": 64, "seed": 0},
     "train": {"max_steps": 400, "seed": 0, "lr": 1e-3, "weight_decay": 0.0, "rec_loss": "l2", "disc_start": -1,
               "disc_weight": 0.1, "disc_layers": 2, "disc_ndf": 32, "perceptual_weight": 0.0,
               "perceptual_path": "", "val_every_epochs": 5, "num_threads": 0,
-              "extractor_weights": "runs/extractors/digits.safetensors"},  # rFID; trained (seconds) when missing
+              "extractor_weights": DEFAULT_DIGITS_WEIGHTS},  # rFID; trained (seconds) when missing
 }
 
 

@@ -28,6 +28,9 @@ import torch.nn.functional as F
 INCEPTION_KEY = "eval.inception_weights"
 DIGITS_KEY = "eval.extractor_weights"
 KINDS = ("inception", "digits")
+# The one default location of the digits CNN (the FID callback, evaluate, ablate, the demo and train_tokenizer all
+# read it; each trains it, deterministically and in seconds, when it is missing)
+DEFAULT_DIGITS_WEIGHTS = os.path.join("runs", "extractors", "digits.safetensors")
 
 
 def _file_hash(path: str, n: int = 12) -> str:

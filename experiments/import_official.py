@@ -25,28 +25,9 @@ import os
 import re
 import sys
 
-from lightning_modules.official import FAMILIES
+from lightning_modules.official import GENERATORS, TOKENIZERS, module_of
 
-GENERATORS = tuple(f for f, (kind, _) in FAMILIES.items() if kind == "generator")
-TOKENIZERS = tuple(f for f, (kind, _) in FAMILIES.items() if kind == "tokenizer")
 FORMAT = "roar-import/1"
-
-# Released architectures per family and size: official constructor arguments + the sampling settings that were
-# published for that size (randar_arpg.md §3, rar.md §5). LlamaGen XL/XXL were released at 384 px (24x24 codes).
-_LLAMA = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}
-_RAR = {"B": (24, 768, 3072), "L": (24, 1024, 4096), "XL": (32, 1280, 5120), "XXL": (40, 1408, 6144)}
-RELEASES = {
-    "llamagen_gpt": {s: dict(arch=_LLAMA[s], image_size=384 if s in ("XL", "XXL") else 256,
-                             sample=dict(cfg_scale=1.75 if s in ("XL", "XXL") else 2.0)) for s in _LLAMA},
-    "randar": {s: dict(arch=_LLAMA[s], image_size=256, sample={}) for s in ("L", "XL")},
-    "arpg": {s: dict(arch=_LLAMA[s], image_size=256, sample=dict(cfg_scale=g))
-             for s, g in (("L", 5.0), ("XL", 6.0), ("XXL", 7.5))},
-    "rar": {s: dict(arch=_RAR[s], image_size=256, sample=None) for s in _RAR},  # sample: RELEASED_SAMPLING[s]
-}
-PREFIXES = {"llamagen_gpt": ("gpt", "llamagen"), "randar": ("randar",), "arpg": ("arpg",), "rar": ("rar",)}
-TOKENIZER_PRESETS = {"llamagen_vq": "vq16", "maskgit_vq": "maskgit_1024"}
-DEFAULT_TOKENIZER = {"llamagen_gpt": "llamagen_vq", "randar": "llamagen_vq", "arpg": "llamagen_vq",
-                     "rar": "maskgit_vq"}
 
 
 class CheckpointMismatch(ValueError):
@@ -54,69 +35,24 @@ class CheckpointMismatch(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- configs
-def official_config(family: str, size: str, image_size: int | None = None) -> dict:
-    """The official constructor arguments of a released size (vocab 16384 for LlamaGen/RandAR/ARPG, 1024 for RAR)."""
-    rel = RELEASES[family][size]
-    side = (image_size or rel["image_size"]) // 16
-    if family == "rar":
-        n_layer, dim, hidden = rel["arch"]
-        return {"model": {"generator": dict(hidden_size=dim, num_hidden_layers=n_layer, num_attention_heads=16,
-                                            intermediate_size=hidden, image_seq_len=side * side,
-                                            condition_num_classes=1000, dropout=0.1, attn_drop=0.1,
-                                            use_checkpoint=False),
-                          "vq_model": {"codebook_size": 1024}}}
-    n_layer, n_head, dim = rel["arch"]
-    cfg = dict(dim=dim, n_layer=n_layer, n_head=n_head, vocab_size=16384, num_classes=1000, block_size=side * side,
-               cls_token_num=1, class_dropout_prob=0.1, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1,
-               attn_dropout_p=0.0, drop_path_rate=0.0)
-    if family == "randar":
-        cfg.update(position_order="random", num_inference_steps=88, zero_class_qk=True, grad_checkpointing=False)
-    return cfg
-
-
+# What each family released (sizes, architectures, sampling rows, name prefixes) is in its module's RELEASES;
+# lightning_modules/official/__init__.py lists the interface used here. module_of, not generators.family_module,
+# so that importing this CLI (and --help) does not pull in torch; argparse has checked --family already.
 def preset_size(family: str, name: str) -> str | None:
-    """'GPT-L', 'gpt_l', 'RandAR-XL', 'RAR-B', 'L' -> the size key of RELEASES[family] (None if not a preset)."""
+    """'GPT-L', 'gpt_l', 'RandAR-XL', 'RAR-B', 'L' -> the size key of the family's RELEASES (None if not a preset)."""
+    fam = module_of(family)
     m = re.fullmatch(r"(?:([a-z]+)[-_ ]?)?(b|l|xl|xxl)", name.strip().lower())
-    if m is None or (m.group(1) and m.group(1) not in PREFIXES[family]):
+    if m is None or (m.group(1) and m.group(1) not in fam.NAME_PREFIXES):
         return None
     size = m.group(2).upper()
-    return size if size in RELEASES[family] else None
-
-
-def arch_of(family: str, cfg: dict) -> tuple:
-    if family == "rar":
-        g = cfg["model"]["generator"]
-        return g["num_hidden_layers"], g["hidden_size"], g["intermediate_size"]
-    return cfg["n_layer"], cfg["n_head"], cfg["dim"]
+    return size if size in fam.RELEASES else None
 
 
 def match_release(family: str, cfg: dict) -> str | None:
     """The released size whose architecture equals ``cfg`` (picks the published sampling row), else None."""
-    arch = arch_of(family, cfg)
-    return next((s for s, rel in RELEASES[family].items() if tuple(rel["arch"]) == tuple(arch)), None)
-
-
-def infer_size(family: str, sd: dict) -> str | None:
-    """Recognise a released size from the weights alone (width and depth; heads follow from the release)."""
-    if family == "rar":
-        emb, fc1 = sd.get("embeddings.weight"), sd.get("blocks.0.mlp.fc1.weight")
-        depth = len([k for k in sd if re.fullmatch(r"blocks\.\d+\.attn\.qkv\.weight", k)])
-        if emb is None or fc1 is None:
-            return None
-        arch = (depth, emb.shape[1], fc1.shape[0])
-    else:
-        emb = sd.get("embeddings.weight" if family == "arpg" else "tok_embeddings.weight")
-        part = r"(self_dec|cross_dec)\." if family == "arpg" else ""
-        pattern = rf"layers\.{part}\d+\.ffn_norm\.weight"  # one per layer (ARPG: self + cross layers)
-        depth = len([k for k in sd if re.fullmatch(pattern, k)])
-        if emb is None:
-            return None
-        arch = (depth, emb.shape[1])
-    for size, rel in RELEASES[family].items():
-        ref = rel["arch"]
-        if (family == "rar" and tuple(ref) == arch) or (family != "rar" and (ref[0], ref[2]) == arch):
-            return size
-    return None
+    fam = module_of(family)
+    arch = tuple(fam.architecture(cfg))
+    return next((s for s, rel in fam.RELEASES.items() if tuple(rel["arch"]) == arch), None)
 
 
 def read_config_file(path: str) -> dict:
@@ -139,39 +75,31 @@ def read_config_file(path: str) -> dict:
 def resolve_generator_config(family: str, config: str | None, sd: dict,
                              image_size: int | None) -> tuple[dict, str | None]:
     """(official constructor kwargs, released size or None) from --config, or recognised from the weights."""
+    fam = module_of(family)
     if config and os.path.isfile(config):
         cfg = read_config_file(config)
         if image_size:
-            side = image_size // 16
-            if family == "rar":
-                cfg["model"]["generator"]["image_seq_len"] = side * side
-            else:
-                cfg["block_size"] = side * side
+            cfg = fam.resize_config(cfg, image_size)
         return cfg, match_release(family, cfg)
     if config:
         size = preset_size(family, config)
         if size is None:
-            names = ", ".join(f"{PREFIXES[family][0].upper()}-{s}" for s in RELEASES[family])
+            names = ", ".join(f"{fam.NAME_PREFIXES[0].upper()}-{s}" for s in fam.RELEASES)
             raise CheckpointMismatch(f"--config {config!r}: neither a file nor a {family} preset ({names})")
     else:
-        size = infer_size(family, sd)
+        size = fam.infer_size(sd)
         if size is None:
             raise CheckpointMismatch(f"--config: the weights match no released {family} size; pass --config with a "
                                f"JSON/YAML file of the official constructor arguments")
-    return official_config(family, size, image_size), size
+    return fam.official_config(size, image_size), size
 
 
 def sample_section(family: str, size: str | None, num_positions: int) -> dict:
     """The official defaults of the family, with the row published for this size."""
-    from lightning_modules.official.generators import family_module
-
-    fam = family_module(family)
+    fam = module_of(family)
     sample = dict(fam.SAMPLE_DEFAULTS)
-    if size is not None and family == "rar":
-        g, p, temperature = fam.RELEASED_SAMPLING[size]
-        sample.update(cfg_scale=g, cfg_power=p, temperature=temperature)
-    elif size is not None:
-        sample.update(RELEASES[family][size]["sample"])
+    if size is not None:
+        sample.update(fam.RELEASES[size]["sample"])
     if num_positions != 256:  # 88 / 64 steps are for 16x16 grids: let the ordering scale its default instead
         sample.pop("num_steps", None)
     return sample
@@ -205,7 +133,7 @@ def tokenizer_section(family: str, vocab: int, path: str | None, kind: str | Non
         return {"build": {"kind": "codes", "vocab_size": vocab}}
     from tokenizers.registry import build_tokenizer
 
-    kind = kind or DEFAULT_TOKENIZER[family]
+    kind = kind or module_of(family).DEFAULT_TOKENIZER
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.safetensors")  # a folder written by this script
     path = os.path.abspath(path)
@@ -219,9 +147,9 @@ def tokenizer_section(family: str, vocab: int, path: str | None, kind: str | Non
 # ---------------------------------------------------------------------------------------------- import
 def import_generator(args) -> dict:
     from lightning_modules.official.checkpoint_io import load_state_dict_file, save_state_dict_file
-    from lightning_modules.official.generators import build_generator, family_module, official_state_dict, vocab_of
+    from lightning_modules.official.generators import build_generator, official_state_dict, vocab_of
 
-    fam = family_module(args.family)
+    fam = module_of(args.family)
     sd = load_state_dict_file(args.ckpt, prefer_ema=args.ema)
     cfg, size = resolve_generator_config(args.family, args.config, sd, args.image_size)
     vocab = vocab_of(args.family, cfg)
@@ -250,24 +178,13 @@ def import_generator(args) -> dict:
 def import_tokenizer(args) -> dict:
     from lightning_modules.official.checkpoint_io import save_tokenizer
 
-    overrides, preset = {}, TOKENIZER_PRESETS[args.family]
+    fam = module_of(args.family)
+    overrides, preset = {}, fam.DEFAULT_PRESET
     if args.config and os.path.isfile(args.config):
         overrides = read_config_file(args.config)
     elif args.config:
         preset = args.config
-    if args.family == "llamagen_vq":
-        from lightning_modules.official.llamagen_vq import load_llamagen_vq
-
-        tok = load_llamagen_vq(args.ckpt, preset=preset, prefer_ema=args.ema, **overrides)
-    else:
-        from lightning_modules.official.maskgit_vq import load_maskgit_vq
-        from tokenizers.maskgit_vq import config_from_official
-
-        if args.ema:
-            raise CheckpointMismatch("--ema: the MaskGIT VQGAN release is a plain state dict without EMA weights")
-        if "vqgan_config" in overrides:  # the official nested layout
-            overrides = config_from_official(overrides)
-        tok = load_maskgit_vq(args.ckpt, preset=preset, **overrides)
+    tok = fam.load_official(args.ckpt, preset, args.ema, overrides)
     weights, _ = save_tokenizer(tok, args.out, args.family)
     meta = {"format": FORMAT, "family": args.family, "kind": args.family, "vocab_size": tok.vocab_size,
             "fingerprint": tok.fingerprint, "tokenizer": {"kind": args.family, "path": os.path.abspath(weights)},

@@ -32,7 +32,7 @@ def test_released_config_has_the_official_key_set(family):
     entry, size = MANIFEST[family]
     with open(parity_fixture("manifest_full_size.json")) as f:
         ref = json.load(f)[entry]
-    module = build_generator(family, imp.official_config(family, size), device="meta")
+    module = build_generator(family, family_module(family).official_config(size), device="meta")
     ours = official_state_dict(module, family)
     shapes = {k: list(v.shape) for k, v in ours.items()}
     assert sorted(set(shapes) - set(ref["keys"])) == [] and sorted(set(ref["keys"]) - set(shapes)) == []
@@ -42,10 +42,11 @@ def test_released_config_has_the_official_key_set(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_released_size_is_recognised_from_its_weights(family):
-    for size in imp.RELEASES[family]:
-        module = build_generator(family, imp.official_config(family, size), device="meta")
-        assert imp.infer_size(family, official_state_dict(module, family)) == size
-        assert imp.preset_size(family, f"{imp.PREFIXES[family][0]}-{size.lower()}") == size
+    fam = family_module(family)
+    for size in fam.RELEASES:
+        module = build_generator(family, fam.official_config(size), device="meta")
+        assert fam.infer_size(official_state_dict(module, family)) == size
+        assert imp.preset_size(family, f"{fam.NAME_PREFIXES[0]}-{size.lower()}") == size
 
 
 # ------------------------------------------------------------------ official sampling defaults per released size
@@ -79,7 +80,8 @@ def default_scales(family: str, size: str) -> list[float]:
     section = imp.sample_section(family, size, 256)
     fields = SampleSettings.__dataclass_fields__
     settings = SampleSettings(**{"num_steps": 256, **{k: v for k, v in section.items() if k in fields}})
-    variant = build_generator(family, imp.official_config(family, size), device="meta").hparams.model["variant"]
+    variant = build_generator(family, family_module(family).official_config(size),
+                              device="meta").hparams.model["variant"]
     rec = []
     generate(Stub(variant), torch.tensor([1, 2]), settings, torch.Generator().manual_seed(0),
              draw=lambda logits, pos: torch.zeros_like(pos), recorder=rec.append)

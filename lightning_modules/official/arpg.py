@@ -21,6 +21,23 @@ SAMPLE_DEFAULTS = dict(schedule="arccos", num_steps=64, cfg_schedule="linear", c
                        top_k=0, top_p=1.0, mode="official")
 BLOCK = {"attn.proj": "attention.wo", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
          "ffn.w1": "feed_forward.w1", "ffn.w2": "feed_forward.w2", "ffn.w3": "feed_forward.w3"}
+NAME_PREFIXES = ("arpg",)
+DEFAULT_TOKENIZER = llamagen_gpt.DEFAULT_TOKENIZER
+# Released at 256 px, each size with its published CFG scale (randar_arpg.md §3).
+RELEASES = {s: dict(arch=llamagen_gpt.ARCHITECTURES[s], image_size=256, sample=dict(cfg_scale=g))
+            for s, g in (("L", 5.0), ("XL", 6.0), ("XXL", 7.5))}
+# One shared table instead of tok_embeddings; n_layer counts the self- and the cross-attention layers.
+EMBEDDING_KEY = "embeddings.weight"
+LAYER_KEY = r"layers\.(self_dec|cross_dec)\.\d+\.ffn_norm\.weight"
+architecture, resize_config, vocab_size = llamagen_gpt.architecture, llamagen_gpt.resize_config, llamagen_gpt.vocab_size
+
+
+def official_config(size: str, image_size: int | None = None) -> dict:
+    return llamagen_gpt.model_args(RELEASES, size, image_size)
+
+
+def infer_size(sd: dict) -> str | None:
+    return llamagen_gpt.size_from_weights(sd, RELEASES, EMBEDDING_KEY, LAYER_KEY)
 
 
 def model_config(cfg: dict) -> dict:

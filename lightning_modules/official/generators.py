@@ -1,24 +1,20 @@
 """Build roar generator modules from official GPT configs + state dicts (strict, both directions of names)."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from lightning_modules.official import GENERATORS, module_of
 from lightning_modules.variants import build_module
-
-GENERATOR_FAMILIES = ("llamagen_gpt", "randar", "arpg", "rar")
 
 
 def family_module(family: str):
-    if family not in GENERATOR_FAMILIES:
-        raise ValueError(f"--family: unknown generator family {family!r} (choose from {GENERATOR_FAMILIES})")
-    return importlib.import_module(f"lightning_modules.official.{family}")
+    if family not in GENERATORS:
+        raise ValueError(f"--family: unknown generator family {family!r} (choose from {GENERATORS})")
+    return module_of(family)
 
 
 def vocab_of(family: str, cfg: dict) -> int:
-    fam = family_module(family)
-    return fam.vocab_size(cfg) if hasattr(fam, "vocab_size") else cfg["vocab_size"]
+    return family_module(family).vocab_size(cfg)
 
 
 def build_generator(family: str, cfg: dict, tokenizer: dict | None = None, device="cpu"):

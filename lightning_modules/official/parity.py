@@ -17,10 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.official import FAMILIES
-
-GENERATORS = tuple(f for f, (kind, _) in FAMILIES.items() if kind == "generator")
-TOKENIZERS = tuple(f for f, (kind, _) in FAMILIES.items() if kind == "tokenizer")
+from lightning_modules.official import GENERATORS, TOKENIZERS
 REQUIRED = ("family", "config", "state_dict", "inputs", "outputs")
 
 

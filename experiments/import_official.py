@@ -41,10 +41,12 @@ class CheckpointMismatch(ValueError):
 def preset_size(family: str, name: str) -> str | None:
     """'GPT-L', 'gpt_l', 'RandAR-XL', 'RAR-B', 'L' -> the size key of the family's RELEASES (None if not a preset)."""
     fam = module_of(family)
-    m = re.fullmatch(r"(?:([a-z]+)[-_ ]?)?(b|l|xl|xxl)", name.strip().lower())
-    if m is None or (m.group(1) and m.group(1) not in fam.NAME_PREFIXES):
+    text = name.strip().lower()
+    # a bare size first: the prefix pattern below would read "xl" as prefix "x" + size "l"
+    m = re.fullmatch(r"(b|l|xl|xxl)", text) or re.fullmatch(r"([a-z]+?)[-_ ]?(b|l|xl|xxl)", text)
+    if m is None or (m.lastindex == 2 and m.group(1) not in fam.NAME_PREFIXES):
         return None
-    size = m.group(2).upper()
+    size = m.group(m.lastindex).upper()
     return size if size in fam.RELEASES else None
 
 

@@ -47,6 +47,7 @@ def test_every_released_size_is_recognised_from_its_weights(family):
         module = build_generator(family, fam.official_config(size), device="meta")
         assert fam.infer_size(official_state_dict(module, family)) == size
         assert imp.preset_size(family, f"{fam.NAME_PREFIXES[0]}-{size.lower()}") == size
+        assert imp.preset_size(family, size) == size  # a bare size too ("XL" once read as prefix "x" + size "l")
 
 
 # ------------------------------------------------------------------ official sampling defaults per released size

@@ -164,5 +164,11 @@ def validate(cfg: DictConfig) -> None:
         _check(bool(e.inception_weights), "eval.inception_weights",
                "FID with the Inception extractor needs a local weights file (nothing is downloaded)")
     _check(cfg.seed >= 0, "seed", f"{cfg.seed} must be >= 0")
+    from omegaconf import OmegaConf
+
+    from experiments.config import ExperimentConfig
+    from experiments.readers import check_unread
+
+    check_unread(cfg, OmegaConf.structured(ExperimentConfig))  # a key nothing reads in this run is an error
     _check(cfg.resume in ("auto", "never") or cfg.resume.endswith((".ckpt", ".pt")) or "/" in cfg.resume,
            "resume", f"{cfg.resume!r} must be auto, never or a checkpoint path")

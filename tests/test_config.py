@@ -3,6 +3,7 @@ is refused with one line naming the key (exit 2 from the CLIs, no traceback)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_paper_presets_parameter_counts(preset, vocab, paper):
     from experiments.build import build_lightning_module
 
     cfg = load_config([os.path.join(REPO, "experiments", "configs", f"{preset}.yaml")],
-                      ["tokenizer.kind=codes", f"tokenizer.vocab_size={vocab}"])
+                      ["tokenizer.kind=codes", "tokenizer.path=", f"tokenizer.vocab_size={vocab}"])
     with torch.device("meta"):
         module = build_lightning_module(cfg, (16, 16))
     count = sum(p.numel() for p in module.backbone.parameters())
@@ -114,8 +115,8 @@ def test_malformed_config_names_the_key(overrides, key):
 def test_command_line_strings_are_taken_verbatim():
     """YAML would turn name=off into False ("False" on disk) and a path like 1e3 into 1000.0; str fields keep the
     text as typed (one level of quotes stripped), every other field is still parsed and type-checked."""
-    cfg = load_config([DEMO], ["name=off", "tokenizer.path=1e3", "data.root='yes'", "trainer.max_steps=7",
-                               "model.class_dropout=0.25"])
+    cfg = load_config([DEMO], ["name=off", "tokenizer.kind=digits_vq", "tokenizer.path=1e3", "data.root='yes'",
+                               "trainer.max_steps=7", "model.class_dropout=0.25"])
     assert (cfg.name, cfg.tokenizer.path, cfg.data.root) == ("off", "1e3", "yes")
     assert cfg.trainer.max_steps == 7 and cfg.model.class_dropout == 0.25
     with pytest.raises(ConfigError, match="trainer.max_steps"):
@@ -149,3 +150,51 @@ def test_cli_help_and_print_config():
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
     assert "variant: arpg" in proc.stdout
+
+
+# ------------------------------------------------------------------ no silently ignored setting
+UNREAD_EXAMPLES = {  # key -> (a value to set, overrides under which nothing reads it)
+    "model.llama.token_dropout": (0.3, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.llama.resid_dropout": (0.3, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.llama.ffn_dropout": (0.3, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.llama.norm_eps": (1e-6, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.llama.rope_base": (500.0, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.rar_vit.dropout": (0.3, []), "model.rar_vit.attn_dropout": (0.3, []),
+    "tokenizer.path": ("vq.safetensors", []), "tokenizer.levels": (9, ["tokenizer.kind=codes",
+                                                                       "tokenizer.vocab_size=17"]),
+    "tokenizer.vocab_size": (64, []),
+    "data.root": ("/elsewhere", ["data.kind=images", "data.train_shards=/x/train-{000000..000001}.tar"]),
+    "data.code_dir": ("/some/codes", []), "data.train_shards": ("/x/train-000000.tar", []),
+    "data.val_shards": ("/x/val-000000.tar", []),
+    "data.center_crop": ("adm", ["data.kind=codes", "data.code_dir=/codes"]),
+    "data.random_flip": (True, ["data.kind=codes", "data.code_dir=/codes"]),
+    "sample.cfg_power": (2.0, []), "sample.cfg_start": (2.0, []),
+    "callbacks.sample_classes": ([1, 2], ["callbacks.sample_every_steps=0"]),
+    "callbacks.sample_per_class": (2, ["callbacks.sample_every_steps=0"]),
+    "callbacks.sample_seed": (3, ["callbacks.sample_every_steps=0"]),
+    "eval.fid_every_steps": (100, []), "eval.extractor": ("inception", []), "eval.reference": ("ref.npz", []),
+    "eval.extractor_weights": ("w.safetensors", []), "eval.inception_weights": ("i.pth", []),
+}
+
+
+def test_every_config_key_says_who_reads_it():
+    from omegaconf import OmegaConf
+
+    from experiments.config import ExperimentConfig
+    from experiments.readers import READERS, When, config_leaves
+
+    leaves = config_leaves(OmegaConf.structured(ExperimentConfig))
+    assert sorted(leaves) == sorted(READERS), "a config key without a READERS entry (experiments/readers.py)"
+    conditional = sorted(k for k, rule in READERS.items() if isinstance(rule, When))
+    assert conditional == sorted(UNREAD_EXAMPLES), "every conditionally read key needs an example here"
+
+
+@pytest.mark.parametrize("key", sorted(UNREAD_EXAMPLES))
+def test_a_key_nothing_reads_is_refused_naming_it(key):
+    value, context = UNREAD_EXAMPLES[key]
+    debug = os.path.join(REPO, "experiments", "configs", "debug_raster.yaml")
+    load_config([debug], context)  # the context alone is a valid config
+    text = json.dumps(value) if not isinstance(value, str) else value
+    with pytest.raises(ConfigError) as err:
+        load_config([debug], [*context, f"{key}={text}"])
+    assert str(err.value).startswith(f"{key}: is only read when"), str(err.value)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import REPO
-from experiments.config import load_config
+from experiments.config import ConfigError, load_config
 from experiments.train import run
 from lightning_modules.variants import variant_names
 
@@ -28,9 +28,13 @@ def test_fast_dev_run(tmp_path, variant):
 
 
 def test_rar_vit_flavour_trains(tmp_path):
-    result = run(cfg_for(tmp_path, "rar", "model.flavour=rar_vit", "trainer.fast_dev_run=true",
-                         "callbacks.sample_every_steps=0"), quiet=True)
-    assert result["steps"] == 1
+    debug = os.path.join(REPO, "experiments", "configs", "debug_rar.yaml")  # sets no llama-only options
+    cfg = load_config([debug], ["model.flavour=rar_vit", "trainer.fast_dev_run=true", f"out_dir={tmp_path}",
+                                f"data.root={tmp_path}/digits"])
+    assert run(cfg, quiet=True)["steps"] == 1
+    # the demo preset sets model.llama.* (no dropout): switching it to rar_vit leaves them unread, which is refused
+    with pytest.raises(ConfigError, match="model.llama"):
+        cfg_for(tmp_path, "rar", "model.flavour=rar_vit")
 
 
 def test_short_run_writes_logs_samples_metrics_and_resumes(tmp_path):

@@ -105,7 +105,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
     callbacks = [ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
                                  auto_insert_metric_name=False, every_n_train_steps=cfg.trainer.ckpt_every_steps,
                                  save_last=True, save_top_k=1, monitor=None)]
-    if c.ema_decay > 0 and not cfg.trainer.strategy.startswith("deepspeed_stage_3"):
+    if c.ema_decay > 0:  # every strategy; sharded like the parameters under ZeRO-3 (callbacks/ema.py)
         callbacks.append(EMA(c.ema_decay))
     if c.sample_every_steps:
         classes = list(c.sample_classes) or list(range(cfg.model.num_classes))

@@ -76,6 +76,60 @@ def save_atomically(trainer, path: str) -> None:
     trainer.strategy.barrier()
 
 
+class _Pipe:
+    """Process-wide, installed once (a process may train several runs: ablate, demo): the wakeup fd, the watcher
+    thread and our handlers; each signal goes to the GracefulStop of the run being built or trained."""
+
+    target: "GracefulStop | None" = None
+    previous: dict = {}
+
+    @classmethod
+    def install(cls, target: "GracefulStop") -> None:
+        cls.target = target
+        if cls.previous or threading.current_thread() is not threading.main_thread():
+            return
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
+        cls.previous["fd"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for s in SIGNALS:
+            cls.previous[s] = signal.signal(s, _handler)
+        os.register_at_fork(after_in_child=cls.forget)  # DataLoader workers must not write to our pipe
+        threading.Thread(target=cls.watch, args=(read_fd,), name="roar-signals", daemon=True).start()
+
+    @classmethod
+    def reinstall(cls) -> None:
+        # Lightning registers its own SIGTERM handler when fit / validate starts (see the module docstring)
+        if cls.previous and threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                signal.signal(s, _handler)
+
+    @classmethod
+    def forget(cls) -> None:
+        try:
+            signal.set_wakeup_fd(cls.previous.get("fd", -1))
+            for s in SIGNALS:
+                signal.signal(s, cls.previous.get(s) or signal.SIG_DFL)
+        except ValueError:  # forked from a thread other than the main one: no handlers of ours to undo there
+            pass
+
+    @classmethod
+    def watch(cls, read_fd: int) -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if cls.previous.get("fd", -1) >= 0:  # whoever had the wakeup fd before us (an event loop) still hears
+                try:
+                    os.write(cls.previous["fd"], data)
+                except OSError:
+                    pass
+            for signum in data:
+                if signum in SIGNALS and cls.target is not None:
+                    cls.target.on_signal(signum)
+
+
+def _handler(signum, frame) -> None:
+    pass  # the work happens in the watcher thread; this only replaces the default action (exit / KeyboardInterrupt)
+
+
 class GracefulStop(L.Callback):
     def __init__(self, ckpt_path: str, grace_s: float, watchdog=None):
         self.ckpt_path, self.grace_s, self.watchdog = ckpt_path, float(grace_s), watchdog
@@ -83,68 +137,39 @@ class GracefulStop(L.Callback):
         self.signum: int | None = None
         self.first_at = 0.0
         self.in_training = False
-        self.finished = False  # stopped at a step boundary: the deadline has nothing left to do
+        self.finished = False  # stopped at a step boundary: the deadline has nothing left to do, a signal ends at once
         self.ending = False  # the watcher thread is ending the process (see hold_if_ending)
         self.last_step = -1
-        self._previous: dict = {}
 
-    # -- installation (main thread; before fit, so the launch itself is covered) --------------------------------
     def install(self, trainer) -> None:
+        """Main thread, once the Trainer exists (before fit, so the rank launch and set-up are covered too)."""
         self.trainer = trainer
-        if self._previous or threading.current_thread() is not threading.main_thread():
-            return
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
-        self._previous["fd"] = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        for s in SIGNALS:
-            self._previous[s] = signal.signal(s, self._handler)
-        os.register_at_fork(after_in_child=self._forget)  # DataLoader workers must not write to our pipe
-        threading.Thread(target=self._watch, args=(read_fd,), name="roar-signals", daemon=True).start()
+        _Pipe.install(self)
 
-    def _forget(self) -> None:
-        try:
-            signal.set_wakeup_fd(-1)
-            for s in SIGNALS:
-                signal.signal(s, self._previous.get(s) or signal.SIG_DFL)
-        except ValueError:  # forked from a thread other than the main one: no handlers of ours to undo there
-            pass
-
-    @staticmethod
-    def _handler(signum, frame) -> None:
-        pass  # the work happens in the watcher thread; this only replaces the default action (exit / KeyboardInterrupt)
-
-    def _reinstall(self) -> None:
-        # Lightning registers its own SIGTERM handler when fit / validate starts (see the module docstring)
-        if self._previous and threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                signal.signal(s, self._handler)
-
-    # -- the watcher thread ---------------------------------------------------------------------------------------
-    def _watch(self, read_fd: int) -> None:
-        while True:
-            for signum in os.read(read_fd, 64):
-                if signum in SIGNALS:
-                    self._on_signal(signum)
-
-    def _on_signal(self, signum: int) -> None:
+    # -- on the watcher thread -------------------------------------------------------------------------------------
+    def on_signal(self, signum: int) -> None:
         now = time.monotonic()
-        if self.signum is None:
-            self.signum, self.first_at = signum, now
-            kill_launched(self.trainer, signum)  # forward to the ranks this process started
-            if not self.in_training:
-                return self._end(signum, "outside the training loop, nothing new to save", force=False)
-            # a rank that Lightning launched leaves the deadline to its launcher (which SIGKILLs it), so that the
-            # launcher's line and exit status are the run's; it keeps its own, later, in case the launcher is gone
-            grace = self.grace_s + (5.0 if self.trainer is not None and launched_by_lightning(self.trainer) else 0.0)
-            timer = threading.Timer(grace, self._end, args=(signum, f"no step boundary within "
-                                                                    f"trainer.stop_grace_s={self.grace_s:g} s"))
-            timer.daemon = True
-            timer.start()
-        elif now - self.first_at >= 1.0:  # not the same keypress reaching the whole process group
-            self._end(signum, "second signal")
+        if self.signum is not None and not self.finished:
+            if now - self.first_at >= 1.0:  # not the same keypress reaching the whole process group
+                self._end(signum, "second signal")
+            return
+        self.signum, self.first_at = signum, now
+        kill_launched(self.trainer, signum)  # forward to the ranks this process started
+        if not self.in_training:
+            return self._end(signum, "outside the training loop, nothing new to save", force=False)
+        # a rank that Lightning launched leaves the deadline to its launcher (which SIGKILLs it), so that the
+        # launcher's line and exit status are the run's; it keeps its own, later, in case the launcher is gone
+        grace = self.grace_s + (5.0 if self.trainer is not None and launched_by_lightning(self.trainer) else 0.0)
+        timer = threading.Timer(grace, self._deadline, args=(signum,))
+        timer.daemon = True
+        timer.start()
+
+    def _deadline(self, signum: int) -> None:
+        if not self.finished:  # else the ranks stopped at a step boundary in time
+            self._end(signum, f"no step boundary within trainer.stop_grace_s={self.grace_s:g} s")
 
     def _end(self, signum: int, why: str, force: bool = True) -> None:
-        if self.finished or self.ending:
+        if self.ending:
             return
         self.ending = True
         where = f" at {self.watchdog.where()}{self.watchdog.peers()}" if self.watchdog is not None else ""
@@ -172,10 +197,10 @@ class GracefulStop(L.Callback):
     # -- the main thread: agree at a step boundary, save, stop ----------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
         self.trainer, self.in_training = trainer, True
-        self._reinstall()
+        _Pipe.reinstall()
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._reinstall()
+        _Pipe.reinstall()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.in_training = False

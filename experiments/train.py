@@ -122,6 +122,9 @@ def run(cfg, quiet: bool = False) -> dict:
             print(f"roar: {name}: val NLL {result['val_nll_bits']} bits/token after {result['steps']} steps")
             print(f"roar: wrote {run_dir}/ (config.yaml, tb/ TensorBoard logs, checkpoints/last.ckpt, samples/, "
                   f"metrics.json)")
+    from experiments.watchdog import reap_launched
+
+    reap_launched(trainer, cfg.trainer.stop_grace_s)  # the launcher exits after the ranks it started, not before
     return result
 
 

@@ -13,7 +13,9 @@ in (a collective whose peer never comes, or a peer stuck outside any collective)
     error: rank 1: no progress for 20 s (trainer.collective_timeout_s=20) at step 2 in [Callback]Stall.on_train_batch_start; rank 0 at step 2 in ... > [Strategy]DDPStrategy.backward for 19 s
 
 then SIGKILLs the ranks this process launched (Lightning's ``launcher.kill``) and exits 1; when the stuck rank is
-a launched one, Lightning's child-process observer ends the launcher in turn. Each rank publishes its location
+a launched one, Lightning's child-process observer ends the launcher in turn. One line for the run: the first
+rank to give up prints it (a shared store counter), and a rank defers briefly to a peer that stopped earlier,
+i.e. to the stuck rank rather than one waiting for it. Each rank publishes its location
 to the process group's store, a server thread in rank 0's process that answers while the main threads are stuck,
 which is how the line names the peers' locations. The process groups (DDP, DeepSpeed) get the timeout
 T + max(60 s, T/10) (``process_group_timeout``): the monitor, which knows where, speaks first on every backend
@@ -35,8 +37,8 @@ import lightning as L
 from lightning.pytorch.profilers import Profiler
 
 STORE_KEY = "roar/where/{}"
-COLLECTIVE_MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection reset", "connection closed",
-                      "connection refused", "broken pipe")
+# how gloo / NCCL errors read when they are not torch.distributed.DistError (a DataLoader timeout is not one)
+COLLECTIVE_MARKERS = ("gloo", "nccl", "timed out waiting", "connection closed by peer", "connection reset by peer")
 
 
 def process_group_timeout(timeout_s: float) -> timedelta:
@@ -95,7 +97,7 @@ class Watchdog(Profiler):
         self.poll_s = poll_s or max(0.5, min(5.0, self.timeout_s / 10))
         self.stack: list[str] = []
         self.last_started = "start-up"
-        self.failed_in: str | None = None  # where the first exception left a profiled action
+        self.failed: tuple[BaseException, str] | None = None  # the latest exception and the innermost action it left
         self.progress = time.monotonic()
         self.trainer = None
         self.exiting = False  # the monitor is ending the process
@@ -108,8 +110,9 @@ class Watchdog(Profiler):
         self.progress = time.monotonic()
 
     def stop(self, action_name: str) -> None:
-        if self.failed_in is None and sys.exc_info()[1] is not None:  # unwinding: innermost action first
-            self.failed_in = self.where()
+        exc = sys.exc_info()[1]  # set while an exception unwinds the action (innermost action first)
+        if exc is not None and (self.failed is None or self.failed[0] is not exc):
+            self.failed = (exc, self.where())
         if action_name in self.stack:
             del self.stack[len(self.stack) - 1 - self.stack[::-1].index(action_name)]
         self.progress = time.monotonic()
@@ -147,14 +150,18 @@ class Watchdog(Profiler):
             groups.setdefault(f"at {where} for {time.time() - since:.0f} s", []).append(r)
         return "".join(f"; rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} {w}" for w, rs in groups.items())
 
+    def failed_in(self, err: BaseException) -> str:
+        """Where ``err`` left the innermost profiled action (a handled StopIteration elsewhere does not count)."""
+        return self.failed[1] if self.failed is not None and self.failed[0] is err else self.where()
+
     def describe_failure(self, err: BaseException) -> str:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:240]
-        return (f"rank {self.rank}: a collective failed at {self.failed_in or self.where()} "
+        return (f"rank {self.rank}: a collective failed at {self.failed_in(err)} "
                 f"(trainer.collective_timeout_s={self.timeout_s:g}): {first}{self.peers()}")
 
     # -- the monitor
     def arm(self, trainer) -> None:
-        self.trainer, self.failed_in, self.progress = trainer, None, time.monotonic()
+        self.trainer, self.failed, self.progress = trainer, None, time.monotonic()
         if trainer.world_size < 2 or self._stop is not None:
             return  # one rank: no peer to wait for, so nothing a timeout could end
         self._stop = threading.Event()

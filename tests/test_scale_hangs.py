@@ -96,10 +96,17 @@ def test_watchdog_names_the_innermost_action_and_where_an_exception_left():
     with w.profile("run_training_batch"), w.profile("[Callback]ModelCheckpoint{'monitor': None}.on_train_batch_end"):
         assert w.where() == "step 0 in run_training_batch > [Callback]ModelCheckpoint.on_train_batch_end"
     assert w.where() == "step 0 in after [Callback]ModelCheckpoint.on_train_batch_end"  # between actions
-    with pytest.raises(RuntimeError):
+    try:  # an exception handled further up (an epoch's StopIteration) is not the failure reported later
+        with w.profile("[_TrainingEpochLoop].train_dataloader_next"):
+            raise StopIteration
+    except StopIteration:
+        pass
+    with pytest.raises(RuntimeError) as info:
         with w.profile("outer"), w.profile("[Strategy]DDPStrategy.backward"):
             raise RuntimeError("Timed out waiting 1000ms for recv operation to complete")
-    assert w.failed_in == "step 0 in outer > [Strategy]DDPStrategy.backward" and not w.stack
+    assert w.failed_in(info.value) == "step 0 in outer > [Strategy]DDPStrategy.backward" and not w.stack
+    assert w.describe_failure(info.value).startswith("rank 0: a collective failed at step 0 in outer > [Strategy]")
+    assert w.failed_in(RuntimeError("another")) == "step 0 in after [Strategy]DDPStrategy.backward"
 
 
 # ----------------------------------------------------------------------------- slow: real runs

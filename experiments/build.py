@@ -123,8 +123,10 @@ def extra_callbacks() -> list:
         module, _, attr = spec.strip().partition(":")
         try:
             out.append(getattr(importlib.import_module(module), attr)())
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"{EXTRA_CALLBACKS_ENV}: cannot build {spec!r} ({err})") from None
+        except (ImportError, AttributeError, ValueError, TypeError) as err:
+            from experiments.config import ConfigError
+
+            raise ConfigError(EXTRA_CALLBACKS_ENV, f"cannot build {spec!r} ({err})") from None
     return out
 
 

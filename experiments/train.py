@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    from experiments.config import ConfigError
     from experiments.signals import RunStopped
     from experiments.watchdog import CollectiveFailure
     from lightning_modules.base import NonFiniteLossError
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
 
     try:
         run(cfg)
+    except ConfigError as err:  # found while building (ROAR_EXTRA_CALLBACKS): bad input, like a bad key
+        fail(str(err), 2)
     except RunStopped as stop:  # SIGTERM / SIGINT: saved and stopped at a step boundary (experiments/signals.py)
         if stop.announce:
             print(stop, file=sys.stderr, flush=True)

@@ -101,7 +101,10 @@ def run(cfg, quiet: bool = False) -> dict:
             trainer.validate(module, datamodule=dm, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     except BaseException as err:
-        raise ended_ranks(trainer, cfg, err) from None
+        failure = ended_ranks(trainer, cfg, err)
+        if failure is err:
+            raise
+        raise failure from None  # the one-line CollectiveFailure stands for the gloo / NCCL error
     stats = next((c for c in callbacks if hasattr(c, "final_skipped")), None)
     fid = next((c for c in callbacks if hasattr(c, "last_results")), None)
     result = {

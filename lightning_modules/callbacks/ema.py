@@ -70,8 +70,9 @@ class EMA(L.Callback):
 
     def _place(self, pl_module) -> dict[str, torch.Tensor]:
         """Lay the shadow out like the live parameters: a fresh copy on a fresh run, else the saved whole tensors
-        moved next to the weights (and sliced under ZeRO-3). Lazy, because under DeepSpeed Lightning restores
-        callback state only after on_fit_start, i.e. after the strategy partitioned the parameters."""
+        moved next to the weights (and sliced under ZeRO-3). At on_train_start or first use: under DeepSpeed
+        Lightning restores weights and callback state only after on_fit_start (a copy taken there would be of the
+        initial weights, and the restored shadow would stay on the CPU)."""
         if self._params:
             return self._params
         params = self._trainable(pl_module)
@@ -80,13 +81,13 @@ class EMA(L.Callback):
         else:
             missing = sorted(set(params) - set(self.shadow))
             if missing:
-                raise KeyError(f"callbacks.ema_decay: the checkpoint's EMA has no {missing[0]!r}")
+                raise ValueError(f"callbacks.ema_decay: the checkpoint's EMA has no {missing[0]!r}")
             self.shadow = {n: (slice_of(self.shadow[n], p) if is_partitioned(p) else self.shadow[n]).float()
                            .to(local_value(p).device) for n, p in params.items()}
         self._params = params
         return params
 
-    def on_fit_start(self, trainer, pl_module):
+    def on_train_start(self, trainer, pl_module):
         self._place(pl_module)
 
     @torch.no_grad()

@@ -73,20 +73,52 @@ def build_datamodule(cfg: DictConfig, micro_batch: int):
 
 
 def strategy_for(cfg: DictConfig):
+    """The strategy object; every multi-rank one with trainer.collective_timeout_s as its process-group timeout."""
     t = cfg.trainer
     if t.strategy.startswith("deepspeed"):
         from experiments.strategies import deepspeed_strategy
 
         return deepspeed_strategy(cfg)
+    if t.strategy in ("ddp", "ddp_spawn") or (t.strategy == "auto" and t.devices * t.num_nodes > 1):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        from experiments.watchdog import process_group_timeout
+
+        # what Lightning's "ddp" / "ddp_spawn" (and "auto" on several devices) build, plus the timeout
+        return DDPStrategy(start_method="spawn" if t.strategy == "ddp_spawn" else "popen",
+                           timeout=process_group_timeout(t.collective_timeout_s))
     return t.strategy
+
+
+EXTRA_CALLBACKS_ENV = "ROAR_EXTRA_CALLBACKS"
+
+
+def extra_callbacks() -> list:
+    """``ROAR_EXTRA_CALLBACKS=module:factory[,module:factory...]``: callbacks added to every run of this process
+    and of the ranks it launches (they inherit the environment), each ``factory()`` called with no arguments.
+    For debugging and fault-injection tests (tests/rank_helpers.py) without a config key per experiment."""
+    import importlib
+
+    out = []
+    for spec in filter(None, os.environ.get(EXTRA_CALLBACKS_ENV, "").split(",")):
+        module, _, attr = spec.strip().partition(":")
+        try:
+            out.append(getattr(importlib.import_module(module), attr)())
+        except (ImportError, AttributeError, ValueError, TypeError) as err:
+            from experiments.config import ConfigError
+
+            raise ConfigError(EXTRA_CALLBACKS_ENV, f"cannot build {spec!r} ({err})") from None
+    return out
 
 
 def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
     c = cfg.callbacks
+    # no version counter: a last.ckpt that a signal or requeue saved (experiments/signals.py, SlurmRequeue) is
+    # overwritten by the resumed run's, not left stale beside a last-v1.ckpt that resume=auto would never pick
     callbacks = [ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
                                  auto_insert_metric_name=False, every_n_train_steps=cfg.trainer.ckpt_every_steps,
-                                 save_last=True, save_top_k=1, monitor=None)]
-    if c.ema_decay > 0 and not cfg.trainer.strategy.startswith("deepspeed_stage_3"):
+                                 save_last=True, save_top_k=1, monitor=None, enable_version_counter=False)]
+    if c.ema_decay > 0:  # every strategy; sharded like the parameters under ZeRO-3 (callbacks/ema.py)
         callbacks.append(EMA(c.ema_decay))
     if c.sample_every_steps:
         classes = list(c.sample_classes) or list(range(cfg.model.num_classes))
@@ -104,7 +136,7 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
         from experiments.fid_setup import fid_callback
 
         callbacks.append(fid_callback(cfg, run_dir))
-    return callbacks
+    return callbacks + extra_callbacks()
 
 
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
@@ -118,9 +150,18 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
     callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world,  # asserts the derived layout at start
                                               quiet=overrides.get("enable_progress_bar") is False)]
     plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if SLURMEnvironment.detect():  # SIGUSR1 requeue by our callback, not Lightning's handler (strategies.py: why)
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(SlurmRequeue(os.path.join(run_dir, "checkpoints", "last.ckpt")))
+        callbacks.append(SlurmRequeue(last))
+    from experiments.signals import GracefulStop
+    from experiments.watchdog import Watchdog, WatchdogHooks
+
+    # the profiler slot locates every rank (hook, step) for the hang watchdog; SIGTERM / SIGINT stop at a step
+    # boundary after saving last.ckpt, within trainer.stop_grace_s (experiments/{watchdog,signals}.py)
+    watchdog = Watchdog(t.collective_timeout_s)
+    stop = GracefulStop(last, t.stop_grace_s, watchdog)
+    callbacks += [WatchdogHooks(watchdog), stop]
     kwargs = dict(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy, precision=t.precision, accumulate_grad_batches=accumulate,
@@ -129,10 +170,12 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
         log_every_n_steps=t.log_every_steps, callbacks=callbacks, deterministic=t.deterministic,
         logger=TensorBoardLogger(run_dir, name="", version="tb", default_hp_metric=False),
         fast_dev_run=t.fast_dev_run, enable_model_summary=False, num_sanity_val_steps=0,
-        plugins=plugins or None,
+        plugins=plugins or None, profiler=watchdog,
         default_root_dir=run_dir, use_distributed_sampler=False,
     )
     if t.strategy.startswith("deepspeed"):
         kwargs.pop("gradient_clip_val")  # DeepSpeed clips through its own config
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    trainer = L.Trainer(**kwargs)
+    stop.install(trainer)  # now, not at fit: a signal during the rank launch and set-up is handled too
+    return trainer

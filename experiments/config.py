@@ -69,6 +69,11 @@ class TrainerConfig:
     compile: bool = False
     deterministic: bool = False
     fast_dev_run: bool = False
+    # a rank with no progress (no Lightning hook started or ended) this long ends the run with one line naming the
+    # rank, step and hook; the DDP / DeepSpeed process-group timeout is this + max(60, 10%) (experiments/watchdog.py)
+    collective_timeout_s: float = 1800.0
+    # SIGTERM / SIGINT: the ranks stop at the next step boundary after saving last.ckpt; past this, killed unsaved
+    stop_grace_s: float = 120.0
 
 
 @dataclass

@@ -3,7 +3,7 @@ a CPU-capable DeepSpeed strategy (for tests and CPU clusters), a run-time check 
 and SLURM's SIGUSR1 -> checkpoint -> requeue (SlurmRequeue).
 
     trainer.strategy=deepspeed_stage_2            ZeRO-2: optimizer state + gradients sharded
-    trainer.strategy=deepspeed_stage_3            ZeRO-3: parameters sharded too (EMA is off there, see build.py)
+    trainer.strategy=deepspeed_stage_3            ZeRO-3: parameters sharded too (EMA sharded alike, callbacks/ema.py)
     trainer.strategy=deepspeed_stage_3_offload    ZeRO-3 + optimizer state in CPU memory (DeepSpeedCPUAdam)
 
 Everything DeepSpeed needs is derived here, from the same keys DDP uses: micro batch (batch_layout), gradient
@@ -62,14 +62,17 @@ def deepspeed_strategy(cfg: DictConfig):
     if cfg.trainer.precision.startswith("16") and not on_gpu(cfg):
         raise ValueError(f"trainer.precision: {cfg.trainer.precision} (fp16) needs a GPU under DeepSpeed; "
                          f"use bf16-mixed or 32-true on CPU")
+    from experiments.watchdog import process_group_timeout
+
     config = deepspeed_config(cfg)
+    timeout = process_group_timeout(cfg.trainer.collective_timeout_s)  # deepspeed.init_distributed(timeout=...)
     if on_gpu(cfg):
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(config=config)
+        return DeepSpeedStrategy(config=config, timeout=timeout)
     # without this DeepSpeed would pick CUDA on a GPU machine told to train on CPU; child ranks inherit it
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    return cpu_strategy_class()(config=config)
+    return cpu_strategy_class()(config=config, timeout=timeout)
 
 
 def cpu_strategy_class():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 
 from omegaconf import OmegaConf
@@ -40,6 +41,25 @@ def write_json_atomic(path: str, data: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def ended_ranks(trainer, cfg, err: BaseException) -> BaseException:
+    """After fit / validate raised: no rank outlives this process (the launcher waits for the ranks it started,
+    then kills them), and a collective failure becomes one line naming the rank and where (experiments/watchdog.py)."""
+    from experiments.signals import GracefulStop
+    from experiments.watchdog import CollectiveFailure, Watchdog, is_collective_failure, reap_launched
+
+    for stop in (c for c in trainer.callbacks if isinstance(c, GracefulStop)):
+        stop.hold_if_ending()  # a signal's deadline is ending every rank: its line and exit status stand
+    watchdog = trainer.profiler if isinstance(trainer.profiler, Watchdog) else None
+    if watchdog is not None:
+        if watchdog.exiting:  # likewise the hang monitor's (it exits the process from its thread)
+            time.sleep(30)
+        watchdog.disarm()  # the wait below is bounded on its own
+    reap_launched(trainer, cfg.trainer.stop_grace_s)
+    if watchdog is not None and is_collective_failure(err):
+        return CollectiveFailure(watchdog.describe_failure(err))
+    return err
 
 
 def run(cfg, quiet: bool = False) -> dict:
@@ -78,12 +98,18 @@ def run(cfg, quiet: bool = False) -> dict:
         trainer.logger.log_hyperparams({"params": n_params, "variant": cfg.model.variant})
     ckpt = find_resume_checkpoint(cfg.resume, run_dir)
     start = time.time()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run:
-        # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
-        trainer.validate(module, datamodule=dm, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run:
+            # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
+            trainer.validate(module, datamodule=dm, verbose=False)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    except BaseException as err:
+        failure = ended_ranks(trainer, cfg, err)
+        if failure is err:
+            raise
+        raise failure from None  # the one-line CollectiveFailure stands for the gloo / NCCL error
     stats = next((c for c in callbacks if hasattr(c, "final_skipped")), None)
     fid = next((c for c in callbacks if hasattr(c, "last_results")), None)
     result = {
@@ -104,6 +130,9 @@ def run(cfg, quiet: bool = False) -> dict:
             print(f"roar: {name}: val NLL {result['val_nll_bits']} bits/token after {result['steps']} steps")
             print(f"roar: wrote {run_dir}/ (config.yaml, tb/ TensorBoard logs, checkpoints/last.ckpt, samples/, "
                   f"metrics.json)")
+    from experiments.watchdog import reap_launched
+
+    reap_launched(trainer, cfg.trainer.stop_grace_s)  # the launcher exits after the ranks it started, not before
     return result
 
 
@@ -114,15 +143,21 @@ def main(argv=None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
+    from experiments.signals import RunStopped
+    from experiments.watchdog import CollectiveFailure
     from lightning_modules.base import NonFiniteLossError
     from lightning_modules.checkpointing import CheckpointError
     from tokenizers.base import TokenizerMismatchError
 
     try:
         run(cfg)
-    except ConfigError as err:
+    except ConfigError as err:  # bad input found while building (sample settings, ROAR_EXTRA_CALLBACKS)
         fail(f"config {err}")
-    except (FileNotFoundError, TokenizerMismatchError, CheckpointError, NonFiniteLossError) as err:
+    except RunStopped as stop:  # SIGTERM / SIGINT: saved and stopped at a step boundary (experiments/signals.py)
+        if stop.announce:
+            print(stop, file=sys.stderr, flush=True)
+        return stop.code
+    except (FileNotFoundError, TokenizerMismatchError, CheckpointError, NonFiniteLossError, CollectiveFailure) as err:
         fail(str(err), 1)  # expected failures: one line naming the cause, no traceback
     return 0
 

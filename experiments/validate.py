@@ -133,6 +133,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("val_every_steps", "log_every_steps", "ckpt_every_steps"):
         _check(t[key] >= 1, f"trainer.{key}", f"{t[key]} must be >= 1")
     _check(t.limit_val_batches >= 0, "trainer.limit_val_batches", f"{t.limit_val_batches} must be >= 0")
+    _check(t.collective_timeout_s > 0, "trainer.collective_timeout_s", f"{t.collective_timeout_s} must be > 0 seconds")
+    _check(t.stop_grace_s > 0, "trainer.stop_grace_s", f"{t.stop_grace_s} must be > 0 seconds")
 
     _check(s.num_steps >= 0, "sample.num_steps", f"{s.num_steps} must be >= 0 (0 = the ordering's default)")
     _check(s.schedule in ("", *ordering.capabilities.schedules), "sample.schedule",

@@ -19,7 +19,7 @@ STEPS = 4
 TRAIN = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
          "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_steps={STEPS}", "trainer.global_batch_size=8",
          "trainer.val_every_steps=1000", "trainer.ckpt_every_steps=1000", "trainer.limit_val_batches=1",
-         "callbacks.sample_every_steps=0", "resume=never"]
+         "callbacks.sample_every_steps=2", "resume=never"]  # sampling on: under ZeRO-3 it once hung (#16)
 ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
 
 
@@ -47,10 +47,9 @@ def test_ddp_two_cpu_ranks(tmp_path):
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory):
-    """ZeRO-2 (with EMA, so the export has EMA state to pick) and ZeRO-3, trained once for the tests below."""
+    """ZeRO-2 and ZeRO-3, both with EMA (so the exports have EMA state to pick), trained once for the tests below."""
     out = tmp_path_factory.mktemp("zero")
-    return out, {stage: train(out, f"zero{stage}", f"trainer.strategy=deepspeed_stage_{stage}",
-                              "callbacks.ema_decay=0.9" if stage == 2 else "callbacks.ema_decay=0.0")
+    return out, {stage: train(out, f"zero{stage}", f"trainer.strategy=deepspeed_stage_{stage}", "callbacks.ema_decay=0.9")
                  for stage in (2, 3)}
 
 
@@ -90,7 +89,7 @@ def test_zero_checkpoints_export_and_sample_without_deepspeed(zero_runs, tmp_pat
     folders = []
     for stage in (2, 3):
         info = export(str(out / f"zero{stage}" / "checkpoints" / "last.ckpt"), str(tmp_path / f"export{stage}"))
-        assert info["ema"] == (stage == 2)  # ZeRO-3 runs have no EMA (build_callbacks)
+        assert info["ema"] is True  # ZeRO-3 included: its sharded EMA is saved whole (callbacks/ema.py)
         assert info["global_step"] == STEPS and info["config"]["trainer"]["strategy"] == f"deepspeed_stage_{stage}"
         folders.append(str(tmp_path / f"export{stage}"))
     # one fresh process for both exports: it cannot import deepspeed at all

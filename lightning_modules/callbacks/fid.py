@@ -7,13 +7,15 @@ raster) is scored on identical labels and seeds; only the ordering differs. ``ba
 the protocol (it is global, not per rank).
 
 Features and logits go into a ``FeatureStats`` metric whose sum-reduced states torchmetrics syncs across ranks;
-FID/IS come from the same numerics as ``python -m experiments.evaluate``. EMA weights are swapped in when a
-callback in ``trainer.callbacks`` offers ``ema_weights(pl_module)``. Logs ``val/fid{n}`` and ``val/is{n}`` with
+FID/IS come from the same numerics as ``python -m experiments.evaluate``. The EMA weights are used when an EMA
+callback is attached. Ranks sample through ``callbacks/gathered.py::sampling_module``: whole weights on every
+rank, so no forward is a collective (under ZeRO-3 a gathered replica) and a rank with one batch fewer than its
+peers (num_batches not a multiple of W) cannot hang them; the one collective is the metric sync, which every
+rank reaches. Logs ``val/fid{n}`` and ``val/is{n}`` with
 n = 1k / 10k / 50k, or the plain count when not a multiple of 1000 (``val/fid200``).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from typing import Any, Callable
@@ -23,6 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_modules.callbacks.gathered import sampling_module
 from lightning_modules.metrics.extractors import load_extractor
 from lightning_modules.metrics.reference import RefStats, resolve_reference
 from lightning_modules.metrics.scores import FeatureStats, fid_from_stats
@@ -110,13 +113,6 @@ class FIDCallback(Callback):
             self.evaluate(trainer, pl_module)
 
     # -- the evaluation ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _ema_context(trainer: Trainer, pl_module: LightningModule):
-        for cb in trainer.callbacks:
-            if callable(getattr(cb, "ema_weights", None)):
-                return cb.ema_weights(pl_module), True
-        return contextlib.nullcontext(), False
-
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """Sample this rank's share, sync moments across ranks, log on every rank's callback_metrics."""
@@ -127,19 +123,20 @@ class FIDCallback(Callback):
         metric = FeatureStats(extractor.num_features, extractor.num_classes, total=self.num_samples).to(device)
         plan = eval_plan(self.num_samples, self.num_classes, self.batch_size, self.seed,
                          trainer.global_rank, trainer.world_size)
-        was_training = pl_module.training
-        ema_ctx, used_ema = self._ema_context(trainer, pl_module)
-        try:
-            pl_module.eval()
-            with ema_ctx:
+        with sampling_module(trainer, pl_module, ranks="all") as (module, used_ema):
+            was_training = module.training
+            try:
+                module.eval()
                 for _, labels, index, seed in plan:
-                    images = pl_module.sample_images(labels.to(device), seed=seed, **self.sample_kwargs)
+                    # one profiled action per batch: the hang watchdog (experiments/watchdog.py) sees progress
+                    with trainer.profiler.profile("[FIDCallback]sample_batch"):
+                        images = module.sample_images(labels.to(device), seed=seed, **self.sample_kwargs)
                     if images.shape[0] != len(labels):
                         raise ValueError(f"sample_images returned {images.shape[0]} images for {len(labels)} labels")
                     feats, logits = extractor.features_and_logits(images)   # [b, F], [b, K]
                     metric.update(feats, logits, index.to(device))
-        finally:
-            pl_module.train(was_training)
+            finally:
+                module.train(was_training)
         out = metric.compute()  # collective: every rank must reach this line
         ref = self.ref_stats
         fid = fid_from_stats(out["mu"], out["sigma"], ref.mu, ref.sigma)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_modules.callbacks.ema import averaged_weights
+from lightning_modules.callbacks.gathered import sampling_module
 from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
 
 GREY = 128
@@ -166,10 +166,11 @@ class OrderMap(L.Callback):
     def log_pictures(self, trainer, pl_module) -> None:
         step = trainer.global_step
         self._last_step = step
-        if trainer.global_rank != 0:
-            return
-        with averaged_weights(trainer, pl_module):
-            self.last = write_order_pictures(pl_module, torch.tensor(self.labels), self.seed,
+        # every rank enters (a collective under ZeRO-3: callbacks/gathered.py); rank 0 alone samples and writes
+        with sampling_module(trainer, pl_module, ranks="zero") as (module, _):
+            if module is None:
+                return
+            self.last = write_order_pictures(module, torch.tensor(self.labels), self.seed,
                                              os.path.join(self.out_dir, f"step_{step:06d}_"), **self.sample_kwargs)
         logger = trainer.logger
         if logger is not None and hasattr(logger.experiment, "add_image"):

@@ -266,7 +266,7 @@ def evaluate_arm(arm: Arm, sweep: DictConfig, scorer: FidScorer | None, log=prin
     """Rows (one per evaluation setting) for a finished arm; cached in <run>/ablation_eval.json."""
     import torch
 
-    from lightning_modules.callbacks.fid import count_tag, eval_plan
+    from lightning_modules.sample_set import count_tag, eval_plan
 
     cache_path = os.path.join(arm.run_dir, EVAL_CACHE)
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}

@@ -64,7 +64,7 @@ def ensure_digits_vq(vq_dir: str) -> str:
 
 def sample_and_score(module, scorer, n: int = FID_SAMPLES, batch: int = 100) -> tuple[float, float, torch.Tensor]:
     """(images/s, FID of n class-balanced samples at the module's own sampling settings, the images)."""
-    from lightning_modules.callbacks.fid import eval_plan
+    from lightning_modules.sample_set import eval_plan
 
     images, start = [], time.perf_counter()
     for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, batch, seed=0):

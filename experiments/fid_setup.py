@@ -7,6 +7,7 @@ import os
 from omegaconf import DictConfig
 
 from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS as DEFAULT_DIGITS_EXTRACTOR
+from lightning_modules.sample_set import BATCH  # the one sample-set protocol (experiments.sample uses it too)
 
 
 def ensure_digits_extractor(path: str = DEFAULT_DIGITS_EXTRACTOR) -> str:
@@ -33,5 +34,5 @@ def fid_callback(cfg: DictConfig, run_dir: str):
             raise ValueError("eval.reference: give an ADM reference .npz or data.val_shards to compute one")
     return FIDCallback(every_n_steps=e.fid_every_steps, num_samples=e.fid_num_samples,
                        num_classes=cfg.model.num_classes, extractor_kind=e.extractor, extractor_path=path, ref=ref,
-                       seed=cfg.callbacks.sample_seed, batch_size=min(100, e.fid_num_samples),
+                       seed=cfg.callbacks.sample_seed, batch_size=min(BATCH, e.fid_num_samples),
                        ref_kwargs={"image_size": cfg.data.image_size, "cache_dir": os.path.join(".cache", "fid_refs")})

@@ -16,7 +16,6 @@ n = 1k / 10k / 50k, or the plain count when not a multiple of 1000 (``val/fid200
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Callable
 
@@ -29,31 +28,12 @@ from lightning_modules.callbacks.gathered import sampling_module
 from lightning_modules.metrics.extractors import load_extractor
 from lightning_modules.metrics.reference import RefStats, resolve_reference
 from lightning_modules.metrics.scores import FeatureStats, fid_from_stats
+from lightning_modules.sample_set import batch_seed, count_tag, eval_plan
 
 
-def count_tag(n: int) -> str:
-    """50000 -> '50k', 1000 -> '1k', 200 -> '200', 1500 -> '1500'."""
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """Seed of one sampling batch: a hash, so neighbouring (seed, batch) pairs never share or shift streams."""
-    digest = hashlib.sha256(f"roar-fid:{int(seed)}:{int(batch_index)}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def eval_plan(num_samples: int, num_classes: int, batch_size: int, seed: int, rank: int = 0,
-              world_size: int = 1) -> list[tuple[int, torch.Tensor, torch.Tensor, int]]:
-    """This rank's batches: [(batch index, labels [b], global sample index [b], seed)]."""
-    if num_samples <= 0 or num_classes <= 0 or batch_size <= 0:
-        raise ValueError(f"FIDCallback: num_samples, num_classes and batch_size must be > 0 "
-                         f"(got {num_samples}, {num_classes}, {batch_size})")
-    plan = []
-    num_batches = -(-num_samples // batch_size)
-    for b in range(rank, num_batches, world_size):
-        index = torch.arange(b * batch_size, min((b + 1) * batch_size, num_samples))
-        plan.append((b, index % num_classes, index, batch_seed(seed, b)))
-    return plan
+# The sample-set protocol (labels, seeds, batches) is lightning_modules/sample_set.py, shared with experiments.sample
+# so that an offline .npz of a checkpoint scores the val/fid it logged; re-exported here for callers of this module.
+__all__ = ["FIDCallback", "batch_seed", "count_tag", "eval_plan"]
 
 
 class FIDCallback(Callback):

@@ -25,8 +25,8 @@ ROAR_JSON = "roar.json"
 CODES = "codes"  # a codes-only tokenizer knows a vocabulary, not a codebook: only the vocabulary is compared
 
 
-class CheckpointError(ValueError):
-    """Not a checkpoint we can read (one line, naming the path)."""
+# One error class for every checkpoint we cannot read (resume, init_from, sample, export, edit): the CLIs catch it.
+from lightning_modules.checkpointing import CheckpointError  # noqa: E402,F401
 
 
 def _json_file(path: str) -> dict:
@@ -66,7 +66,9 @@ def _read_lightning(path: str, ema: bool | str) -> tuple[dict, dict]:
                               f"official weights go through python -m experiments.import_official") from None
     except Exception as err:  # noqa: BLE001 - anything else is not a checkpoint
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or not isinstance(hp, dict) or not \
+            {"model", "tokenizer"} <= set(hp):
         raise CheckpointError(f"{path}: not a roar Lightning checkpoint (no state_dict / hyper_parameters); "
                               f"import official weights with python -m experiments.import_official")
     hp, roar = dict(ckpt["hyper_parameters"]), ckpt.get("roar", {})
@@ -130,6 +132,14 @@ def check_tokenizer(module, spec: dict, where: str) -> None:
                                      f"the configured {ours} (fingerprint {module.tokenizer_fingerprint})")
 
 
+def _strict(backbone, sd: dict, where: str) -> None:
+    """strict_load, its key / shape report raised as the one checkpoint error the CLIs catch."""
+    try:
+        strict_load(backbone, sd, where)
+    except ValueError as err:
+        raise CheckpointError(str(err).splitlines()[0]) from None
+
+
 def load_generator(path: str, device="cpu", ema: bool | str = False, tokenizer: dict | None = None):
     """An ARModule in eval mode with the checkpoint's weights and sampling defaults.
 
@@ -141,7 +151,7 @@ def load_generator(path: str, device="cpu", ema: bool | str = False, tokenizer: 
     kwargs = {k: spec[k] for k in ("optim", "seed", "max_steps") if spec.get(k) is not None}
     module = build_module(spec["model"], tokenizer or spec["tokenizer"], sample=spec.get("sample"), **kwargs)
     check_tokenizer(module, spec, os.fspath(path))
-    strict_load(module.backbone, sd, os.fspath(path))
+    _strict(module.backbone, sd, os.fspath(path))
     module.weights_used = spec.get("weights_used", "as stored")  # "ema" / "live" (Lightning), or an import/export
     return module.to(device).eval()
 
@@ -153,5 +163,5 @@ def load_weights_into(module, path: str, ema: bool = False) -> dict:
     spec, sd = read_checkpoint(path, ema)
     where = f"init_from {os.fspath(path)}"
     check_tokenizer(module, spec, where)
-    strict_load(module.backbone, sd, where)
+    _strict(module.backbone, sd, where)
     return spec

@@ -155,8 +155,8 @@ def main(argv=None) -> int:
         region = load_mask(a.mask, grid) if a.mask else region_mask(a.region, grid)
         out = run_edit(module, a.task, image, label, region, a.out, a.seed, a.high_steps, a.ntk_boundary,
                        **overrides)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err).splitlines()[0], 1)
+    except (FileNotFoundError, ValueError) as err:  # bad input (checkpoint, image, mask): one line, exit 2
+        fail(str(err).splitlines()[0], 2)
     print(f"edit: {a.task} -> {out['side_by_side']} (input, mask, result, order_map in {a.out}/)")
     return 0
 

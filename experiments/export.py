@@ -23,6 +23,8 @@ import tempfile
 
 import torch
 
+from lightning_modules.checkpointing import safe_load
+
 FORMAT = "roar-export/1"
 
 
@@ -45,8 +47,8 @@ def load_training_checkpoint(path: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "gathered.ckpt")
             convert_zero_checkpoint_to_fp32_state_dict(path, out)  # keeps Lightning's client state (callbacks...)
-            return torch.load(out, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return safe_load(out)
+    return safe_load(path)
 
 
 def ema_shadow(checkpoint: dict) -> dict | None:
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     try:
         info = export(a.ckpt, a.out, use_ema=not a.no_ema, verify=not a.no_verify)
     except (FileNotFoundError, ValueError) as err:  # CheckpointError and strict-load errors are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"roar: exported {'EMA' if info['ema'] else 'live'} weights of step {info['global_step']} to {a.out}/ "
           f"(model.safetensors, roar.json)")

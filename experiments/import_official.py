@@ -31,7 +31,7 @@ FORMAT = "roar-import/1"
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint / config / tokenizer does not fit (exit code 1)."""
+    """The checkpoint / config / tokenizer does not fit (exit code 2, like every bad input)."""
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"error: {msg if not isinstance(err, KeyError) else f'{args.ckpt}: missing entry {err}'}",
               file=sys.stderr)
-        return 1
+        return 2  # bad input: a missing / unreadable / foreign file, or weights that do not fit the config
     if args.family in GENERATORS:
         print(f"roar: imported {args.family} ({meta['release'] or 'custom config'}, {meta['num_params'] / 1e6:.1f}M "
               f"parameters) -> {args.out}/model.safetensors, {args.out}/roar.json")

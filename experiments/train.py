@@ -157,8 +157,10 @@ def main(argv=None) -> int:
         if stop.announce:
             print(stop, file=sys.stderr, flush=True)
         return stop.code
-    except (FileNotFoundError, TokenizerMismatchError, CheckpointError, NonFiniteLossError, CollectiveFailure) as err:
-        fail(str(err), 1)  # expected failures: one line naming the cause, no traceback
+    except (FileNotFoundError, TokenizerMismatchError, CheckpointError) as err:
+        fail(str(err).splitlines()[0], 2)  # bad input (a file, a checkpoint): one line naming it, no traceback
+    except (NonFiniteLossError, CollectiveFailure) as err:
+        fail(str(err).splitlines()[0], 1)  # the run failed: one line naming the cause, no traceback
     return 0
 
 

@@ -37,15 +37,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pass
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        if not os.path.isfile(str(path)):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:  # weights_only=True whatever the caller asks: a checkpoint never runs code when it is read
-            return torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"checkpoint {path}: refused by weights_only=True loading "
-                                  f"({str(err).splitlines()[0][:200]})") from None
-        except (RuntimeError, EOFError) as err:  # truncated or not a torch file (a kill cannot cause this here)
-            raise CheckpointError(f"checkpoint {path}: unreadable ({str(err).splitlines()[0][:200]})") from None
+        return safe_load(path, map_location)  # weights_only=True whatever the caller asks
+
+
+def safe_load(path, map_location=None):
+    """torch.load with weights_only=True (a checkpoint never runs code when it is read); every way a file can fail
+    to be a checkpoint is one CheckpointError line naming it."""
+    if not os.path.isfile(str(path)):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(str(path), map_location=map_location or "cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {path}: refused by weights_only=True loading "
+                              f"({str(err).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError) as err:  # truncated or not a torch file (a kill cannot cause this)
+        raise CheckpointError(f"checkpoint {path}: unreadable ({str(err).splitlines()[0][:200]})") from None
 
 
 def find_resume_checkpoint(resume: str, run_dir: str) -> str | None:

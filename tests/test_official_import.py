@@ -174,7 +174,7 @@ def test_pickled_namespace_is_refused_without_unpickling(tmp_path, capsys, monke
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real_load(*a, **k))
     assert import_cli("--family", "randar", "--ckpt", path, "--config", write_config(fx, tmp_path),
-                      "--out", tmp_path / "o") == 1
+                      "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert str(path) in err and "refusing to unpickle" in err and "save_file" in err  # the conversion one-liner
     assert calls and all(w is True for w in calls)  # never weights_only=False
@@ -201,18 +201,18 @@ def test_mismatched_checkpoint_is_refused_naming_the_key(tmp_path, capsys, famil
     fx = fixture(f"{family}_tiny")
     src = save_official(broken(fx, **edit), tmp_path, "pt")
     assert import_cli("--family", family, "--ckpt", src, "--config", write_config(fx, tmp_path),
-                      "--out", tmp_path / "o") == 1
+                      "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and all(e in err for e in expect), err
 
 
 def test_unknown_preset_and_unrecognised_weights_are_refused(tmp_path, capsys):
     src = save_official(fixture("arpg_tiny"), tmp_path, "pt")
-    assert import_cli("--family", "arpg", "--ckpt", src, "--config", "ARPG-B", "--out", tmp_path / "o") == 1
+    assert import_cli("--family", "arpg", "--ckpt", src, "--config", "ARPG-B", "--out", tmp_path / "o") == 2
     assert "ARPG-B" in capsys.readouterr().err
-    assert import_cli("--family", "arpg", "--ckpt", src, "--out", tmp_path / "o") == 1
+    assert import_cli("--family", "arpg", "--ckpt", src, "--out", tmp_path / "o") == 2
     assert "no released arpg size" in capsys.readouterr().err
-    assert import_cli("--family", "arpg", "--ckpt", src, "--config", "ARPG-L", "--out", tmp_path / "o") == 1
+    assert import_cli("--family", "arpg", "--ckpt", src, "--config", "ARPG-L", "--out", tmp_path / "o") == 2
     assert "embeddings.weight: file [77, 64] vs model [17387, 1024]" in capsys.readouterr().err
 
 
@@ -257,7 +257,7 @@ def test_tokenizer_vocabulary_mismatch_is_refused(tmp_path, capsys, vq_folder):
     src = save_official(fx, tmp_path, "pt")
     _, folder = vq_folder
     assert import_cli("--family", "llamagen_gpt", "--ckpt", src, "--config", write_config(fx, tmp_path),
-                      "--tokenizer-path", folder, "--out", tmp_path / "o") == 1
+                      "--tokenizer-path", folder, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "vocabulary mismatch" in err and "64" in err and "256" in err
 

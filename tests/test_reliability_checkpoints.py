@@ -108,12 +108,12 @@ def test_resume_with_another_tokenizer_is_refused_naming_both(trained):
     assert "vocabulary 17" in msg and "vocabulary 9" in msg
 
 
-def test_resume_with_another_tokenizer_through_the_cli_exits_1_in_one_line(trained):
+def test_resume_with_another_tokenizer_through_the_cli_exits_2_in_one_line(trained):
     out, ckpt = trained
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "-c", DEMO,
                            *overrides(out, "other_cli", "tokenizer.levels=9", f"resume={ckpt}", "trainer.max_steps=4")],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and fingerprint(17) in errors[0] and fingerprint(9) in errors[0], proc.stderr[-3000:]
 

@@ -72,7 +72,7 @@ READERS: dict[str, str | When | None] = {
                                       "num_classes", "class_dropout", "grad_checkpointing")},
     **{f"model.{k}": None for k in ("rar_anneal_start", "rar_anneal_end", "scan", "scan_seed")},
     **{f"model.llama.{k}": _flavour("llama") for k in ("token_dropout", "resid_dropout", "ffn_dropout", "norm_eps",
-                                                        "rope_base")},
+                                                        "rope_base", "class_rope")},
     **{f"model.rar_vit.{k}": _flavour("rar_vit") for k in ("dropout", "attn_dropout")},
     "tokenizer.kind": ALWAYS, "tokenizer.options": ALWAYS,
     "tokenizer.path": _kind("tokenizer", *VQ_KINDS), "tokenizer.levels": _kind("tokenizer", "pixel"),

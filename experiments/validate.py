@@ -81,6 +81,7 @@ def validate(cfg: DictConfig) -> None:
         _unit(m.rar_vit[key], f"model.rar_vit.{key}")
     _check(m.llama.norm_eps > 0, "model.llama.norm_eps", f"{m.llama.norm_eps} must be > 0")
     _check(m.llama.rope_base > 1, "model.llama.rope_base", f"{m.llama.rope_base} must be > 1")
+    _choice(m.llama.class_rope, ("zero", "identity"), "model.llama.class_rope")
     _unit(m.rar_anneal_start, "model.rar_anneal_start", closed_top=True)
     _unit(m.rar_anneal_end, "model.rar_anneal_end", closed_top=True)
     _check(m.rar_anneal_start <= m.rar_anneal_end, "model.rar_anneal_end",

@@ -23,6 +23,7 @@ class LlamaOptions:  # model.llama.*: options of the LlamaGen-style backbone
     ffn_dropout: float = 0.1
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    class_rope: str = "zero"  # the class slot's RoPE row: zero (official; its key scores 0) | identity (learnable)
 
 
 @dataclass

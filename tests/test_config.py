@@ -159,6 +159,7 @@ UNREAD_EXAMPLES = {  # key -> (a value to set, overrides under which nothing rea
     "model.llama.ffn_dropout": (0.3, ["model.flavour=rar_vit", "model.variant=rar"]),
     "model.llama.norm_eps": (1e-6, ["model.flavour=rar_vit", "model.variant=rar"]),
     "model.llama.rope_base": (500.0, ["model.flavour=rar_vit", "model.variant=rar"]),
+    "model.llama.class_rope": ("identity", ["model.flavour=rar_vit", "model.variant=rar"]),
     "model.rar_vit.dropout": (0.3, []), "model.rar_vit.attn_dropout": (0.3, []),
     "tokenizer.path": ("vq.safetensors", []), "tokenizer.levels": (9, ["tokenizer.kind=codes",
                                                                        "tokenizer.vocab_size=17"]),

@@ -83,7 +83,7 @@ class LlamaBackbone(nn.Module):
                  grid: tuple[int, int], *, cross_layers: int = 0, position_tokens: bool = False,
                  target_aware: bool = False, ffn_hidden: int = 0, norm_eps: float = 1e-5, rope_base: float = 10000.0,
                  token_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, class_rope: str = "zero"):
         super().__init__()
         if not 0 <= cross_layers < n_layer:
             raise ValueError(f"model.cross_layers must be in [0, n_layer={n_layer}), got {cross_layers}")
@@ -110,7 +110,7 @@ class LlamaBackbone(nn.Module):
             self.cross = None
         self.norm = RMSNorm(dim, norm_eps)
         self.output = nn.Linear(dim, vocab_size, bias=False)
-        self.rope = Rope2D(grid[0], grid[1], dim // n_head, rope_base)
+        self.rope = Rope2D(grid[0], grid[1], dim // n_head, rope_base, class_rope)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -26,18 +26,29 @@ def rope_2d_angles(grid_h: int, grid_w: int, head_dim: int, base: float = 10000.
     return ang.reshape(grid_h * grid_w, half)
 
 
-class Rope2D(nn.Module):
-    """Holds the (cos, sin) table with a leading zero row for position -1; non-persistent like the official."""
+CLASS_ROWS = ("zero", "identity")
 
-    def __init__(self, grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0):
+
+class Rope2D(nn.Module):
+    """Holds the (cos, sin) table with a leading row for position -1 (the class slot); non-persistent like the
+    official. ``class_row="zero"`` is the official all-zero row: the class key is the zero vector, so every query
+    gives it the score 0 and no weight can learn to attend to it more (its value still flows, with the weight the
+    other keys leave it). ``"identity"`` (cos = 1, sin = 0) leaves the class q / k unrotated, so that score is
+    learnable. Official checkpoints need "zero"; "identity" is an option for training from scratch."""
+
+    def __init__(self, grid_h: int, grid_w: int, head_dim: int, base: float = 10000.0, class_row: str = "zero"):
         super().__init__()
-        self.grid = (grid_h, grid_w)
+        if class_row not in CLASS_ROWS:
+            raise ValueError(f"model.llama.class_rope: {class_row!r} is not one of {list(CLASS_ROWS)}")
+        self.grid, self.class_row = (grid_h, grid_w), class_row
         self.set_angles(rope_2d_angles(grid_h, grid_w, head_dim, base))
 
     def set_angles(self, angles: torch.Tensor) -> None:
         """Install a table of angles [P, head_dim/2] (resolution extrapolation swaps in a mixed table)."""
-        zero = torch.zeros(1, angles.shape[1], 2)
-        table = torch.cat([zero, torch.stack([angles.cos(), angles.sin()], dim=-1)], dim=0)  # [1+P, hd/2, 2]
+        first = torch.zeros(1, angles.shape[1], 2)
+        if self.class_row == "identity":
+            first[..., 0] = 1.0
+        table = torch.cat([first, torch.stack([angles.cos(), angles.sin()], dim=-1)], dim=0)  # [1+P, hd/2, 2]
         self.register_buffer("table", table, persistent=False)
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:

@@ -168,10 +168,13 @@ def _checkpoint(arm: Arm) -> str:
 # ---------------------------------------------------------------------------------------------------- executors
 def train_local(arms: list[Arm], log=print) -> None:
     from experiments import train  # attribute access, so a test can spy on train.run
+    from lightning_modules.progress import Progress
 
-    for i, arm in enumerate(arms):
-        log(f"ablate: training {arm.name} ({i + 1}/{len(arms)}, {arm.cfg.trainer.max_steps} steps)")
-        train.run(arm.cfg, quiet=True)
+    with Progress(len(arms), "ablate: arms trained", "arms") as bar:
+        for i, arm in enumerate(arms):
+            log(f"ablate: training {arm.name} ({i + 1}/{len(arms)}, {arm.cfg.trainer.max_steps} steps)")
+            train.run(arm.cfg, quiet=True)
+            bar.update()
 
 
 def submit_slurm(arms: list[Arm], launch_args: list[str] = (), log=print) -> None:
@@ -311,6 +314,7 @@ def run_sweep(path: str, executor: str = "local", collect_only: bool = False, ov
 
     overrides: of the sweep file (e.g. out_dir=..., axes.seeds=[0,1]); extra: config overrides for every arm."""
     from experiments.ablation_collect import write_outputs
+    from lightning_modules.progress import Progress
 
     sweep = load_sweep(path, overrides)
     arms = training_arms(sweep, extra)
@@ -328,7 +332,11 @@ def run_sweep(path: str, executor: str = "local", collect_only: bool = False, ov
     if len(tokens) > 1:
         raise RuntimeError(f"ablate: finished arms saw different token counts {sorted(tokens)}: not equal compute")
     scorer = FidScorer(sweep.eval) if sweep.eval.fid_samples and done else None
-    rows = [row for arm in done for row in evaluate_arm(arm, sweep, scorer, log)]
+    rows = []
+    with Progress(len(done), "ablate: arms evaluated", "arms") as bar:
+        for arm in done:
+            rows += evaluate_arm(arm, sweep, scorer, log)
+            bar.update()
     return write_outputs(sweep, arms, rows, log)
 
 

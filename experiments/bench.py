@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from lightning_modules.flops import matmul_gflops, sync  # noqa: F401  (sync: the bench sections import it from here)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -33,11 +35,6 @@ def runnable_variants(flavour: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def load_average() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -73,28 +70,9 @@ def machine_info(device) -> dict:
 
 
 def matmul_peak(device="cpu", dtypes=("fp32", "bf16"), sizes=(1024, 2048, 4096), repeats: int = 3) -> dict:
-    """Best GFLOP/s of one square [n, n] @ [n, n] (2 n^3 FLOPs) per dtype: the ceiling MFU is measured against.
-
-    ``gflops`` is per wall second; ``gflops_per_cpu_s`` per second of this process's CPU time (all threads), the
-    matching ceiling for the load-robust ``mfu_cpu`` (CPU only: on a shared machine wall time includes waiting)."""
-    out = {}
-    for name in dtypes:
-        per_n, per_cpu = {}, {}
-        for n in sizes:
-            a = torch.randn(n, n, device=device).to(DTYPES[name])
-            b = torch.randn(n, n, device=device).to(DTYPES[name])
-            a @ b  # warm-up: thread pool, packing buffers, cuBLAS handles
-            sync(device)
-            best, best_cpu = float("inf"), float("inf")
-            for _ in range(repeats):
-                t, c = time.perf_counter(), time.process_time()
-                a @ b
-                sync(device)
-                best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
-            per_n[str(n)] = round(2 * n ** 3 / best / 1e9, 1)
-            per_cpu[str(n)] = round(2 * n ** 3 / max(best_cpu, 1e-9) / 1e9, 1)
-        out[name] = {"gflops": max(per_n.values()), "per_n": per_n, "gflops_per_cpu_s": max(per_cpu.values())}
-    return {"matmul_peak": out, "load_average": load_average()}
+    """Best GFLOP/s of one square matmul per dtype (lightning_modules/flops.py::matmul_gflops: ``gflops`` per wall
+    second, ``gflops_per_cpu_s`` per CPU-second) and the load average it was measured at."""
+    return {"matmul_peak": matmul_gflops(device, dtypes, sizes, repeats), "load_average": load_average()}
 
 
 # ---------------------------------------------------------------------------------------------- output

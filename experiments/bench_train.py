@@ -4,12 +4,8 @@ One step is what Lightning runs per batch: (autocast) forward + loss through ``A
 ordering's own train_inputs, backward, the grad-norm the module logs, gradient clipping, AdamW step,
 zero_grad(set_to_none). Data loading is not in it (see experiments/bench_data.py); codes are random [B, N].
 
-Model FLOPs are counted analytically from the ``Seq`` layout (a multiply-add = 2 FLOPs):
-    forward  = sum over matmuls of 2 * weights * rows it is applied to     (slots, queries or output positions)
-             + per attention layer 4 * D * visible (query, key) pairs      (QK^T and PV; masked pairs not counted)
-    training = 3 * forward                                                 (backward: dX and dW per matmul)
-Embedding lookups, norms, RoPE, softmax, biases, the loss and the optimizer are not counted (their time is in the
-step); gradient-checkpointing recompute is not counted either (model FLOPs, not hardware FLOPs).
+Model FLOPs are counted analytically from the ``Seq`` layout (a multiply-add = 2 FLOPs) by lightning_modules/flops.py,
+the same count the training run's ThroughputMonitor reports MFU with (lightning_modules/callbacks/throughput.py).
 """
 from __future__ import annotations
 
@@ -21,9 +17,10 @@ import threading
 import time
 
 import torch
-from torch import nn
 
 from experiments.bench import load_average, sync
+# the one FLOP count (training MFU uses it too); forward_flops / train_flops stay importable from here
+from lightning_modules.flops import forward_flops, linear_weights, train_flops, visible_pairs  # noqa: F401
 
 # bench size -> (model.size preset, explicit dims). "mid" is the MFU target size: 8 layers of width 512.
 BENCH_SIZES = {"debug": ("debug", {}), "small": ("small", {}), "mid": ("debug", dict(dim=512, n_layer=8, n_head=8)),
@@ -53,56 +50,6 @@ def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int =
     module = build_lightning_module(load_config([], overrides), (grid, grid))
     module.fused_adam = fused_adam
     return module.to(device)
-
-
-# ---------------------------------------------------------------------------------------------- FLOPs
-def linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def visible_pairs(mask, rows: torch.Tensor, batch: int, num_keys: int | None = None) -> int:
-    """(query, key) pairs attention computes over the batch: mask None = causal over ``rows`` (keys = the slots
-    themselves), or the True entries of a bool mask [B|1, 1, Lq, Lk]; num_keys without a mask = all keys visible."""
-    if mask is None and num_keys is not None:
-        return batch * rows.shape[0] * num_keys
-    if mask is None:
-        return batch * int((rows[None, :] <= rows[:, None]).sum())
-    return int(mask.sum()) * (batch if mask.shape[0] == 1 else 1)
-
-
-def forward_flops(backbone: nn.Module, seq) -> dict:
-    """Forward matmul FLOPs of one cache-less ``backbone(seq)``, split into body / attention / head."""
-    B, L = seq.kind.shape
-    D = backbone.dim
-    width = lambda out, n: n if out is None else out.shape[-1]  # outputs per sample  # noqa: E731
-    if hasattr(backbone, "blocks"):  # rar_vit: a learned cls prefix slot joins any forward holding row 0
-        rows = seq.rows + 1
-        if bool((seq.rows == 0).any()):
-            rows = torch.cat([rows.new_zeros(1), rows])
-        n = rows.shape[0]
-        body = 2 * sum(linear_weights(b) for b in backbone.blocks) * B * n  # incl. the per-slot AdaLN linear
-        attn = len(backbone.blocks) * 4 * D * visible_pairs(None, rows, B)
-        M = width(seq.out, L)
-        head = 2 * (linear_weights(backbone.adaln_before_head) + linear_weights(backbone.lm_head)) * B * M
-    else:
-        body = 2 * sum(linear_weights(layer) for layer in backbone.layers) * B * L
-        attn = len(backbone.layers) * 4 * D * visible_pairs(seq.mask, seq.rows, B)
-        M = width(seq.out, L)
-        if backbone.cross is not None:  # ARPG: shared K/V over the content slots, then Q queries
-            Q = seq.query_pos.shape[1]
-            body += 2 * linear_weights(backbone.to_kv) * B * L
-            body += 2 * sum(linear_weights(c) for c in backbone.cross) * B * Q
-            attn += len(backbone.cross) * 4 * D * visible_pairs(seq.query_mask, torch.arange(Q), B, num_keys=L)
-            M = width(seq.out, Q)
-        head = 2 * linear_weights(backbone.output) * B * M
-    return {"body": body, "attention": attn, "head": head, "total": body + attn + head}
-
-
-def train_flops(module, codes: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Model FLOPs of one training step (3 x forward) for this ordering's training layout."""
-    seq, _ = module.ordering.train_inputs(codes, labels, 0, module.generator(0))
-    fwd = forward_flops(module.backbone, seq)
-    return {"slots": seq.kind.shape[1], "forward": fwd, "total": 3 * fwd["total"]}
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -141,14 +141,18 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
 
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
     t = cfg.trainer
-    world, _, accumulate = batch_layout(cfg)
+    world, micro, accumulate = batch_layout(cfg)
     strategy = strategy_for(cfg)
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from experiments.strategies import BatchLayoutCheck, SlurmRequeue
+    from experiments.tb_summary import ConfigText
+    from lightning_modules.callbacks.throughput import TrainThroughput
 
-    callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world,  # asserts the derived layout at start
-                                              quiet=overrides.get("enable_progress_bar") is False)]
+    quiet = overrides.get("enable_progress_bar") is False
+    callbacks = [*callbacks, BatchLayoutCheck(t.global_batch_size, world, quiet=quiet),  # asserts the layout at start
+                 # samples / tokens / model FLOPs per second and MFU in TensorBoard (callbacks/throughput.py)
+                 TrainThroughput(micro, t.log_every_steps, accumulate, quiet=quiet), ConfigText(cfg)]
     plugins = [] if t.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     if SLURMEnvironment.detect():  # SIGUSR1 requeue by our callback, not Lightning's handler (strategies.py: why)

@@ -12,13 +12,23 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # The generator's own settings live beside the module that reads them (one set of defaults); composed here.
 from lightning_modules.hparams import LlamaOptions, ModelConfig, OptimConfig, RarVitOptions, SampleConfig  # noqa: F401
+
+
+# Fixed choices are Literal fields (OmegaConf refuses other values at merge, naming the key); registry choices
+# (tokenizer.kind, model.variant, ...) stay str and experiments/validate.py checks them (lightning_modules/hparams.py).
+DataKind = Literal["embedded", "images", "codes"]
+CenterCrop = Literal["adm", "none"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda"]
+Strategy = Literal["auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+Precision = Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"]
+Extractor = Literal["digits", "inception"]
 
 
 class ConfigError(ValueError):
@@ -40,12 +50,12 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "embedded"  # embedded | images | codes
+    kind: DataKind = "embedded"
     root: str = ".cache/digits"  # embedded: where the digits shards are written
     train_shards: str = ""
     val_shards: str = ""
     image_size: int = 8
-    center_crop: str = "none"  # adm | none
+    center_crop: CenterCrop = "none"
     random_flip: bool = False
     num_workers: int = 0
     samples_per_epoch: int = 0  # 0 = from the manifest
@@ -57,11 +67,11 @@ class TrainerConfig:
     max_steps: int = 1000
     global_batch_size: int = 64
     micro_batch_size: int = 0  # 0 = global / world size (no accumulation)
-    accelerator: str = "auto"
+    accelerator: Accelerator = "auto"
     devices: int = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | deepspeed_stage_2 | deepspeed_stage_3 | deepspeed_stage_3_offload
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed | bf16-true
+    strategy: Strategy = "auto"
+    precision: Precision = "32-true"
     val_every_steps: int = 250
     limit_val_batches: int = 0  # 0 = the whole validation split
     log_every_steps: int = 10
@@ -90,7 +100,7 @@ class CallbacksConfig:
 class EvalConfig:
     fid_every_steps: int = 0  # 0 = only at the end when fid_num_samples > 0
     fid_num_samples: int = 0  # 0 = no FID
-    extractor: str = "digits"  # digits | inception
+    extractor: Extractor = "digits"
     extractor_weights: str = ""
     inception_weights: str = ""
     reference: str = ""  # ADM .npz, or empty = computed from the val shards and cached
@@ -120,16 +130,24 @@ def _omegaconf_error(err: OmegaConfBaseException, source: str) -> ConfigError:
         msg = f"unknown key ({source})"
     elif "Value '" in msg or "could not be converted" in msg or "Invalid type" in msg:
         msg = f"wrong type: {msg} ({source})"
+    elif msg.startswith("Invalid value '") and ", expected one of [" in msg:  # a Literal field: say it as validate does
+        value, _, choices = msg[len("Invalid value '"):].partition("', expected one of ")
+        quote = " (YAML read it as a number or a bool: quote it)" if repr(value) in choices else ""
+        msg = f"{value!r} is not one of {choices}{quote} ({source})"
     return ConfigError(key, msg)
 
 
 def _is_string_field(cfg: DictConfig, key: str) -> bool:
-    """Whether ``key`` is a typed ``str`` field of the structured config (its command-line value is taken verbatim)."""
-    from omegaconf import StringNode
+    """Whether ``key`` is a typed ``str`` field (or a Literal of strings) of the structured config: its command-line
+    value is taken verbatim (``trainer.precision=32`` is the string "32", not the number)."""
+    from omegaconf import LiteralNode, StringNode
 
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-    return isinstance(parent, DictConfig) and isinstance(parent._get_node(leaf), StringNode)
+    node = parent._get_node(leaf) if isinstance(parent, DictConfig) else None
+    if isinstance(node, LiteralNode):
+        return all(isinstance(c, str) for c in get_args(node._metadata.ref_type))
+    return isinstance(node, StringNode)
 
 
 def _preset_path(path: str) -> str:

@@ -79,7 +79,7 @@ def evaluate(samples: str, ref: str, extractor_kind: str = "inception", extracto
     reference = resolve_reference(ref, extractor, image_size=ref_image_size or int(shape[0]), count=ref_count,
                                   cache_dir=cache_dir or None, batch_size=batch_size, need_features=pr)
     stats, feats = extract_stats(extractor, batches(batch_size), total=count, keep_features=count if pr else 0,
-                                 with_is=True, num_splits=num_splits)
+                                 with_is=True, num_splits=num_splits, progress="evaluate: sample features")
     fid = fid_from_stats(stats["mu"], stats["sigma"], reference.mu, reference.sigma)
     precision = recall = None
     if pr and reference.features is not None:

@@ -37,6 +37,14 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.backbone.parameters())
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (Lightning reads the same variables; the trainer's own
+    ``global_rank`` is 0 in every process until fit sets the ranks up)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
 def write_json_atomic(path: str, data: dict) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -66,8 +74,10 @@ def run(cfg, quiet: bool = False) -> dict:
     """Train per ``cfg``; returns the metrics dict written to runs/<name>/metrics.json."""
     import lightning as L
     import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
 
     from experiments.build import build_callbacks, build_datamodule, build_lightning_module, build_trainer
+    from experiments.tb_summary import log_run_summary
     from lightning_modules.checkpointing import find_resume_checkpoint
 
     name = run_name(cfg)
@@ -88,14 +98,12 @@ def run(cfg, quiet: bool = False) -> dict:
 
         load_weights_into(module, cfg.init_from)
     n_params = count_parameters(module)
-    if not quiet:
+    if not quiet and launch_rank() == 0:  # every rank runs this file; before fit only the environment knows which
         print(f"roar: {name}: {cfg.model.variant} on {cfg.model.flavour}/{cfg.model.size}, "
               f"{n_params / 1e6:.3f}M parameters, global batch {cfg.trainer.global_batch_size} = "
               f"{world} device(s) x {micro} x {accumulate} accumulation")
     callbacks = build_callbacks(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir, callbacks, enable_progress_bar=not quiet)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams({"params": n_params, "variant": cfg.model.variant})
     ckpt = find_resume_checkpoint(cfg.resume, run_dir)
     start = time.time()
     try:
@@ -126,6 +134,8 @@ def run(cfg, quiet: bool = False) -> dict:
         result.update(getattr(fid, "last_results", {}) or {})
     if trainer.global_rank == 0:
         write_json_atomic(os.path.join(run_dir, "metrics.json"), result)
+        if isinstance(trainer.logger, TensorBoardLogger):  # the HParams tab: config + final metrics (tb_summary.py)
+            log_run_summary(trainer.logger, cfg, result, trainer.global_step, {"params": n_params})
         if not quiet:
             print(f"roar: {name}: val NLL {result['val_nll_bits']} bits/token after {result['steps']} steps")
             print(f"roar: wrote {run_dir}/ (config.yaml, tb/ TensorBoard logs, checkpoints/last.ckpt, samples/, "

@@ -99,14 +99,6 @@ def evaluate(tokenizer, images: torch.Tensor, batch_size: int = 128) -> tuple[di
             "val_codes_used": int(round(usage * tokenizer.vocab_size)), "val_perplexity": ppl}, rec
 
 
-def save_png(path: str, grid: torch.Tensor, scale: int = 2) -> None:
-    from PIL import Image
-
-    arr = grid.permute(1, 2, 0).numpy().astype(np.uint8)
-    img = Image.fromarray(arr)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory (created)")
@@ -127,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_modules.callbacks.rfid import ReconstructionFID
     from lightning_modules.metrics.extractors import load_extractor
     from lightning_modules.official.checkpoint_io import save_tokenizer
+    from lightning_modules.callbacks.images import save_png, upscale
     from lightning_modules.tokenizer import VQTokenizerModule, reconstruction_grid
 
     data, train = cfg["data"], cfg["train"]
@@ -168,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "grid": list(tokenizer.grid(data["image_size"], data["image_size"])),
                     "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint,
                     "tokenizer_path": weights})
-    save_png(os.path.join(args.out, "reconstructions.png"), reconstruction_grid(x_val, rec, 16))
+    # the whole grid, frame included, doubled (nearest): the PNG as it has always been
+    save_png(upscale(reconstruction_grid(x_val, rec, 16), 2), os.path.join(args.out, "reconstructions.png"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"val PSNR {metrics['val_psnr']:.2f} dB, rFID {metrics['val_rfid']:.2f} ({len(x_val)} val images, digits "

@@ -1,20 +1,14 @@
 """Value checks for a merged ExperimentConfig: each failure is a ConfigError naming the dotted key.
 
-Types and unknown keys are already enforced by OmegaConf's structured merge; this adds ranges, choices and
-impossible combinations (e.g. a global batch that does not divide over the world size).
+Types, unknown keys and fixed choices (``Literal`` fields: trainer.strategy, sample.mode, ...) are already enforced
+by OmegaConf's structured merge; this adds ranges, the choices a registry decides (orderings, scans, tokenizers,
+schedules) and impossible combinations (e.g. a global batch that does not divide over the world size).
 """
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
 from experiments.config import ConfigError, ModelConfig
-
-SIZES = ("debug", "small", "B", "L", "XL", "XXL")
-DATA_KINDS = ("embedded", "images", "codes")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
-CFG_SCHEDULES = ("", "constant", "linear", "pow_cosine")
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -67,7 +61,6 @@ def validate(cfg: DictConfig) -> None:
 
     m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.sample, cfg.data
     ordering = validate_ordering(cfg)
-    _choice(m.size, SIZES, "model.size")
     for key in ("dim", "n_layer", "n_head", "ffn_hidden"):
         _check(m[key] >= 0, f"model.{key}", f"{m[key]} must be >= 0 (0 = from model.size)")
     if m.dim and m.n_head:
@@ -93,9 +86,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.tokenizer.kind == "codes":
         _check(cfg.tokenizer.vocab_size >= 2, "tokenizer.vocab_size", "tokenizer.kind=codes needs vocab_size >= 2")
 
-    _choice(d.kind, DATA_KINDS, "data.kind")
     _check(d.image_size >= 1, "data.image_size", f"{d.image_size} must be >= 1")
-    _choice(d.center_crop, ("adm", "none"), "data.center_crop")
     _check(d.num_workers >= 0, "data.num_workers", f"{d.num_workers} must be >= 0")
     _check(d.samples_per_epoch >= 0, "data.samples_per_epoch", f"{d.samples_per_epoch} must be >= 0")
     if d.kind == "images":
@@ -108,7 +99,6 @@ def validate(cfg: DictConfig) -> None:
            f"{list(o.betas)} must be two numbers in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"{o.weight_decay} must be >= 0")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"{o.warmup_steps} must be >= 0")
-    _choice(o.schedule, ("cosine", "constant"), "optim.schedule")
     _unit(o.min_lr_ratio, "optim.min_lr_ratio", closed_top=True)
     _check(o.grad_clip >= 0, "optim.grad_clip", f"{o.grad_clip} must be >= 0 (0 = off)")
     _check(o.max_nonfinite_in_a_row >= 1, "optim.max_nonfinite_in_a_row", f"{o.max_nonfinite_in_a_row} must be >= 1")
@@ -128,9 +118,6 @@ def validate(cfg: DictConfig) -> None:
         per_device = t.global_batch_size // world
         _check(per_device % t.micro_batch_size == 0, "trainer.micro_batch_size",
                f"{t.micro_batch_size} does not divide the per-device batch {per_device}")
-    _choice(t.accelerator, ACCELERATORS, "trainer.accelerator")
-    _choice(t.strategy, STRATEGIES, "trainer.strategy")
-    _choice(t.precision, PRECISIONS, "trainer.precision")
     for key in ("val_every_steps", "log_every_steps", "ckpt_every_steps"):
         _check(t[key] >= 1, f"trainer.{key}", f"{t[key]} must be >= 1")
     _check(t.limit_val_batches >= 0, "trainer.limit_val_batches", f"{t.limit_val_batches} must be >= 0")
@@ -141,15 +128,11 @@ def validate(cfg: DictConfig) -> None:
     _check(s.schedule in ("", *ordering.capabilities.schedules), "sample.schedule",
            f"{s.schedule!r} is not a schedule the {m.variant} ordering decodes with (it takes "
            f"{list(ordering.capabilities.schedules)})")
-    _choice(s.cfg_schedule, CFG_SCHEDULES, "sample.cfg_schedule")
     _check(s.cfg_scale >= 0, "sample.cfg_scale", f"{s.cfg_scale} must be >= 0")
     _check(s.cfg_power >= 0, "sample.cfg_power", f"{s.cfg_power} must be >= 0")
     _check(s.temperature > 0, "sample.temperature", f"{s.temperature} must be > 0")
     _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
     _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
-    _choice(s.mode, ("official", "consistent"), "sample.mode")
-    _choice(s.draw, ("", "multinomial", "inverse_cdf"), "sample.draw")
-    _choice(s.precision, ("", "fp32", "bf16"), "sample.precision")
 
     c = cfg.callbacks
     _unit(c.ema_decay, "callbacks.ema_decay")
@@ -162,7 +145,6 @@ def validate(cfg: DictConfig) -> None:
     e = cfg.eval
     _check(e.fid_every_steps >= 0, "eval.fid_every_steps", f"{e.fid_every_steps} must be >= 0")
     _check(e.fid_num_samples >= 0, "eval.fid_num_samples", f"{e.fid_num_samples} must be >= 0")
-    _choice(e.extractor, ("digits", "inception"), "eval.extractor")
     if e.fid_num_samples and e.extractor == "inception":
         _check(bool(e.inception_weights), "eval.inception_weights",
                "FID with the Inception extractor needs a local weights file (nothing is downloaded)")

@@ -29,6 +29,8 @@ class NonFiniteLossError(RuntimeError):
     """optim.max_nonfinite_in_a_row non-finite losses in a row; the one-line message names the count and key."""
 
 
+# Our own mixer, not Lightning's seed_everything (seeds global state once per process) nor hash() of a tuple (not
+# promised stable across versions): every random order needs a pure, portable function of (seed, rank, step).
 def derive_seed(*parts: int) -> int:
     """Mix integers (seed, rank, step, salt...) into one 63-bit seed; stable across runs and platforms."""
     h = 0x9E3779B97F4A7C15
@@ -79,6 +81,7 @@ class ARModule(L.LightningModule):
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.last_val_step = -1
+        self._grad_norm_step = 0  # DeepSpeed: the engine step whose grad norm was last logged
         self._compiled = None  # [torch.compile(backbone)] when compile; a list keeps it out of state_dict
 
     # ------------------------------------------------------------------ helpers
@@ -169,9 +172,28 @@ class ARModule(L.LightningModule):
         return None  # Lightning skips backward and the optimizer step
 
     def on_before_optimizer_step(self, optimizer):
+        # train/grad_norm: the global 2-norm of the (rank-averaged, unclipped) gradient, under every strategy
+        if self._deepspeed_engine() is not None:
+            return  # ZeRO partitions the gradients (p.grad is None): the engine's norm is logged after its step
         grads = [p.grad for p in self.backbone.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def _deepspeed_engine(self):
+        """The DeepSpeed engine training this module, or None under any other strategy."""
+        engine = getattr(self._trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
+        return engine if hasattr(engine, "get_global_grad_norm") else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        engine = self._deepspeed_engine()
+        # Lightning calls DeepSpeed's step every micro-batch; the engine steps (and computes the norm of the whole,
+        # partitioned gradient before clipping, as DDP's above) only at an accumulation boundary
+        if engine is None or engine.global_steps == self._grad_norm_step:
+            return
+        self._grad_norm_step = engine.global_steps
+        norm = engine.get_global_grad_norm()  # None only with zero_optimization.compute_grad_norm=false
+        if norm is not None:
+            self.log("train/grad_norm", float(norm))
 
     def validation_step(self, batch, batch_idx):
         # Val NLL under the order distribution the variant *samples* with (end of its training schedule),
@@ -211,6 +233,7 @@ class ARModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_multiplier)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # a pure function of the step inside torch's LambdaLR, not a chain of torch schedulers: nothing to replay on resume
     def lr_multiplier(self, step: int) -> float:
         """Linear warmup, then constant or cosine down to ``min_lr_ratio`` (a pure function of the step)."""
         o, total = self.optim_cfg, max(1, self.hparams.max_steps)

@@ -8,12 +8,22 @@ CLI trains with exactly the recipe the CLI would give it. Unknown keys and wrong
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, is_dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+
+# Fixed choices are Literal fields: OmegaConf's structured merge refuses any other value, naming the key (one line).
+# Choices that come from a registry (model.variant, model.flavour, model.scan, sample.schedule) stay ``str`` and are
+# checked against the registry by experiments/validate.py.
+Size = Literal["debug", "small", "B", "L", "XL", "XXL"]
+LrSchedule = Literal["cosine", "constant"]
+CfgSchedule = Literal["", "constant", "linear", "pow_cosine"]
+SampleMode = Literal["official", "consistent"]
+Draw = Literal["", "multinomial", "inverse_cdf"]
+SamplePrecision = Literal["", "fp32", "bf16"]
 
 
 @dataclass
@@ -36,7 +46,7 @@ class RarVitOptions:  # model.rar_vit.*: options of RAR's AdaLN ViT backbone
 class ModelConfig:
     variant: str = "raster"  # the ordering (lightning_modules/variants.py lists them): the only per-method code
     flavour: str = "llama"  # llama | rar_vit
-    size: str = "debug"  # debug | small | B | L | XL | XXL
+    size: Size = "debug"
     dim: int = 0  # 0 = from size
     n_layer: int = 0
     n_head: int = 0
@@ -58,7 +68,7 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.05
     warmup_steps: float = 0.05  # < 1: fraction of max_steps
-    schedule: str = "cosine"  # cosine | constant
+    schedule: LrSchedule = "cosine"
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
     no_decay_names: list = field(default_factory=list)
@@ -70,15 +80,15 @@ class SampleConfig:  # empty / 0 = the ordering's default
     num_steps: int = 0
     schedule: str = ""
     cfg_scale: float = 1.0
-    cfg_schedule: str = ""
+    cfg_schedule: CfgSchedule = ""  # "" = the ordering's default
     cfg_power: float = 1.0
     cfg_start: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    mode: str = "official"  # official | consistent
-    draw: str = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
-    precision: str = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights samples)
+    mode: SampleMode = "official"
+    draw: Draw = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
+    precision: SamplePrecision = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights)
 
 
 # Sample fields whose empty value means "the ordering's default" (the others always come from the config).

@@ -6,7 +6,8 @@ floods the log file, so instead one status line is printed every ``every_s`` sec
     sample: 1200/50000 images (2.4%), 38.1 images/s, elapsed 0:00:31, eta 0:21:20
 
 We keep this thin wrapper (tqdm does the bar) only for that non-TTY policy, which tqdm has no mode for.
-``ROAR_PROGRESS=bar|lines|off`` forces a mode; ``ROAR_PROGRESS_EVERY_S`` sets the line interval (default 30 s).
+``ROAR_PROGRESS=bar|lines|off`` forces the mode of every enabled one (a disabled one, e.g. on a rank other than 0,
+stays off); ``ROAR_PROGRESS_EVERY_S`` sets the line interval (default 30 s).
 """
 from __future__ import annotations
 
@@ -21,13 +22,11 @@ MODES = ("bar", "lines", "off")
 
 def _mode(enabled: bool, stream) -> str:
     forced = os.environ.get("ROAR_PROGRESS", "")
-    if forced:
-        if forced not in MODES:
-            raise ValueError(f"ROAR_PROGRESS: {forced!r} is not one of {list(MODES)}")
-        return forced
-    if not enabled:
+    if forced and forced not in MODES:
+        raise ValueError(f"ROAR_PROGRESS: {forced!r} is not one of {list(MODES)}")
+    if not enabled:  # e.g. a rank other than 0, or a quiet run: the environment does not turn it back on
         return "off"
-    return "bar" if getattr(stream, "isatty", lambda: False)() else "lines"
+    return forced or ("bar" if getattr(stream, "isatty", lambda: False)() else "lines")
 
 
 def _clock(seconds: float) -> str:

@@ -116,6 +116,7 @@ def code_stats(codes: torch.Tensor, vocab: int) -> tuple[float, float]:
     return float((counts > 0).float().mean()), float(entropy.exp())
 
 
+# Ours, not torchmetrics' PeakSignalNoiseRatio: that is inf for an identical image; ours caps it at 100 dB per image.
 def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR (dB) between uint8 images [B,3,H,W]; identical images give 100 dB (capped)."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
@@ -264,8 +265,8 @@ class VQTokenizerModule(L.LightningModule):
 
 def reconstruction_grid(pixels: torch.Tensor, rec_pixels: torch.Tensor, n: int = 8) -> torch.Tensor:
     """uint8 [3, 2*H+pad, n*W+pad] grid: originals on the top row, reconstructions below."""
-    from torchvision.utils import make_grid
+    from lightning_modules.callbacks.images import image_grid
 
     n = min(n, pixels.shape[0])
     both = torch.cat([pixels[:n], rec_pixels[:n]]).cpu()
-    return make_grid(both, nrow=n, padding=2, pad_value=128)
+    return image_grid(both, nrow=n, pad=2, pad_value=128)

@@ -138,3 +138,19 @@ def test_slurm_executor_submits_one_launch_per_unfinished_arm(tmp_path, monkeypa
     for cmd, variant in zip(calls, ("raster", "randar")):
         assert cmd[1:4] == ["-m", "experiments.launch", "-c"] and cmd[-1] == "--partition=P"
         assert os.path.basename(os.path.dirname(cmd[4])).startswith(variant) and os.path.isfile(cmd[4])
+
+
+def test_sweep_reports_arms_trained_and_evaluated(first_run, extractor, monkeypatch, capsys):
+    """lightning_modules/progress.py lines (the non-TTY mode, forced here) for the arms trained and evaluated."""
+    monkeypatch.setenv("ROAR_PROGRESS", "lines")
+    monkeypatch.setenv("ROAR_PROGRESS_EVERY_S", "0")
+    tmp, extra, _ = first_run
+    ablate.run_sweep(TINY, overrides=sweep_overrides(tmp, extractor), extra=extra, log=lambda m: None)  # cached
+    assert "ablate: arms evaluated: 2/2 arms (100.0%)" in capsys.readouterr().err
+    unfinished = ablate.training_arms(ablate.load_sweep(TINY, sweep_overrides(tmp, extractor)),
+                                      [*extra, "optim.lr=0.003"])
+    trained = []
+    monkeypatch.setattr(train, "run", lambda cfg, quiet: trained.append(cfg.name))
+    ablate.train_local(unfinished, log=lambda m: None)
+    err = capsys.readouterr().err
+    assert len(trained) == 2 and "ablate: arms trained: 1/2 arms" in err and "ablate: arms trained: 2/2 arms" in err

@@ -116,8 +116,9 @@ def test_command_line_strings_are_taken_verbatim():
     """YAML would turn name=off into False ("False" on disk) and a path like 1e3 into 1000.0; str fields keep the
     text as typed (one level of quotes stripped), every other field is still parsed and type-checked."""
     cfg = load_config([DEMO], ["name=off", "tokenizer.kind=digits_vq", "tokenizer.path=1e3", "data.root='yes'",
-                               "trainer.max_steps=7", "model.class_dropout=0.25"])
+                               "trainer.max_steps=7", "model.class_dropout=0.25", "trainer.precision=32"])
     assert (cfg.name, cfg.tokenizer.path, cfg.data.root) == ("off", "1e3", "yes")
+    assert cfg.trainer.precision == "32"  # a Literal of strings is a string field too
     assert cfg.trainer.max_steps == 7 and cfg.model.class_dropout == 0.25
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         load_config([DEMO], ["trainer.max_steps=off"])
@@ -199,3 +200,10 @@ def test_a_key_nothing_reads_is_refused_naming_it(key):
     with pytest.raises(ConfigError) as err:
         load_config([debug], [*context, f"{key}={text}"])
     assert str(err.value).startswith(f"{key}: is only read when"), str(err.value)
+
+
+def test_paper_presets_draw_order_maps_with_their_sample_grids():
+    for path in glob.glob(os.path.join(REPO, "experiments", "configs", "*_*.yaml")):
+        if os.path.basename(path).split("_")[0] in ("rar", "randar", "arpg", "llamagen"):
+            c = load_config([path]).callbacks
+            assert c.order_map_every_steps == c.sample_every_steps > 0, path

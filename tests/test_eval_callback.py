@@ -155,3 +155,21 @@ def test_fid_callback_fails_fast_on_bad_paths(tmp_path):
         _fit(StubGenerator(), cb, max_steps=1)
     with pytest.raises(ValueError, match="num_samples"):
         FIDCallback(num_samples=0, num_classes=10)
+
+
+def test_fid_callback_reports_sampling_progress_and_images_per_second(weights, monkeypatch, capsys):
+    """Rank 0's sampling shows lightning_modules/progress.py lines where the trainer shows progress (here forced to
+    the non-TTY mode), and the sampling throughput is logged beside FID."""
+    monkeypatch.setenv("ROAR_PROGRESS", "lines")
+    monkeypatch.setenv("ROAR_PROGRESS_EVERY_S", "0")
+    cb = FIDCallback(every_n_steps=0, num_samples=12, num_classes=10, extractor_kind="digits",
+                     extractor_path=weights, ref="digits", batch_size=5)
+    trainer = Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+                      enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False)
+    trainer.fit(StubGenerator())
+    err = capsys.readouterr().err
+    assert "[fid] step 2: sampling (rank 0's share): 5/12 images" in err and "12/12 images (100.0%)" in err
+    assert cb.last_results["val/sample_images_per_s"] > 0
+    _fit(StubGenerator(), FIDCallback(every_n_steps=0, num_samples=12, num_classes=10, extractor_kind="digits",
+                                      extractor_path=weights, ref="digits", batch_size=5), max_steps=2)
+    assert "sampling (rank 0's share)" not in capsys.readouterr().err  # no progress bar in the trainer: no lines

@@ -76,3 +76,12 @@ def test_evaluate_cli_reports_missing_inception_weights_in_one_line(samples):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "eval.inception_weights" in proc.stderr
     assert "Downloading" not in proc.stderr + proc.stdout
+
+
+def test_evaluate_reports_feature_extraction_progress(weights, samples, monkeypatch, capsys):
+    monkeypatch.setenv("ROAR_PROGRESS", "lines")  # the non-TTY mode of lightning_modules/progress.py
+    monkeypatch.setenv("ROAR_PROGRESS_EVERY_S", "0")
+    evaluate.main(["--samples", samples[0], "--ref", "digits", "--extractor", "digits", "--extractor-weights", weights,
+                   "--batch-size", "60", "--no-pr"])
+    err = capsys.readouterr().err
+    assert "evaluate: sample features: 60/120 images (50.0%)" in err and "120/120 images (100.0%)" in err

@@ -120,3 +120,15 @@ def test_digits_reference_splits(ext):
     assert train.num_samples == 1438 and val.num_samples == 359 and train.source == "digits:train"
     with pytest.raises(ValueError, match="unknown split"):
         resolve_reference("digits:test", ext)
+
+
+def test_reference_statistics_report_progress(tmp_path, ext, images, monkeypatch, capsys):
+    monkeypatch.setenv("ROAR_PROGRESS", "lines")  # the non-TTY mode of lightning_modules/progress.py
+    monkeypatch.setenv("ROAR_PROGRESS_EVERY_S", "0")
+    _write_shards(str(tmp_path), images)
+    pattern = str(tmp_path / "digits-{000000..000001}.tar")
+    shard_reference(pattern, ext, image_size=8, count=80, cache_dir=None, batch_size=40)
+    err = capsys.readouterr().err
+    assert f"reference stats ({pattern}): 40/80 images" in err and "80/80 images (100.0%)" in err
+    shard_reference(pattern, ext, image_size=8, count=80, cache_dir=None, show_progress=False)
+    assert "reference stats" not in capsys.readouterr().err

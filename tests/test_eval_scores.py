@@ -110,3 +110,24 @@ def test_precision_recall_identical_and_disjoint():
 def test_precision_recall_batching_does_not_change_the_answer():
     x, y = _feats(n=257, seed=7), _feats(n=190, seed=8, shift=0.3)
     assert precision_recall(x, y, batch_size=4096) == precision_recall(x, y, batch_size=37)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_precision_recall_equals_torch_fidelity(k):
+    """torch-fidelity 0.4's k-NN precision/recall (metric_prc.py) on the same feature sets. Its public
+    calculate_metrics(prc=True) needs images and Inception weights (none offline), so its feature-level function
+    is called. Same definition: radius = distance to the k-th neighbour of the own set with the point itself
+    counted (kthvalue(k + 1)), a point is in when within some radius (<=), fakes vs real radii for precision."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    real, fake = _feats(n=400, seed=11), _feats(n=300, seed=12, shift=0.4)
+    ours = precision_recall(real, fake, k=k, batch_size=128)
+    # torch-fidelity's convention: features_1 = generated, features_2 = real; float64 like ours (no cdist rounding)
+    for save_cpu_ram in (False, True):
+        theirs = prc_features_to_metric(fake.double(), real.double(), prc_neighborhood=k, prc_batch_size=128,
+                                        save_cpu_ram=save_cpu_ram, verbose=False)
+        # identical counts (their mean is float32: equal to ~1e-7, far below one point in 300)
+        assert ours == pytest.approx((theirs["precision"], theirs["recall"]), abs=1e-6)
+    # in float32 (their default dtype) a point at the radius can flip: equal within a few points of the sets
+    theirs = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=k, verbose=False)
+    assert ours == pytest.approx((theirs["precision"], theirs["recall"]), abs=3 / 300)

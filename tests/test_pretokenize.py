@@ -159,3 +159,13 @@ def test_bad_arguments_fail_clearly(setup, tmp_path):
     with pytest.raises(ValueError, match="not divisible"):
         main(["--shards", str(root / "train-000000.tar"), "--out", str(tmp_path / "x"), "--tokenizer-kind",
               "llamagen_vq", "--tokenizer-path", weights, "--image-size", "18"])
+
+
+def test_progress_lines_count_the_images_read(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROAR_PROGRESS", "lines")  # the non-TTY mode of lightning_modules/progress.py
+    monkeypatch.setenv("ROAR_PROGRESS_EVERY_S", "0")
+    root, _, _, weights = setup
+    main(["--shards", str(root / "train-000001.tar"), "--out", str(tmp_path / "codes"), "--tokenizer-kind",
+          "llamagen_vq", "--tokenizer-path", weights, "--image-size", str(SIZE)])
+    err = capsys.readouterr().err
+    assert "pretokenize rank 0/1: 1 images" in err and "pretokenize rank 0/1: 3 images" in err

@@ -126,3 +126,28 @@ def test_ema_is_the_same_under_every_strategy_and_found_by_export_and_load_gener
             diff = max((weights[k] - ddp[k]).abs().max().item() for k in ddp)
             assert diff < TOL, (name, diff)
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_ema_foreach_update_equals_the_per_tensor_lerp_bit_for_bit():
+    """callbacks/ema.py updates every shadow with one torch._foreach_lerp_; it must be the per-tensor lerp_ exactly."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_modules.callbacks.ema import EMA
+
+    g = torch.Generator().manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    module = SimpleNamespace(backbone=backbone)
+    ema = EMA(0.9)
+    ema.on_train_start(None, module)
+    expected = {n: t.clone() for n, t in ema.shadow.items()}
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        ema.on_train_batch_end(SimpleNamespace(global_step=step), module, outputs={}, batch=None, batch_idx=0)
+        for n, p in backbone.named_parameters():
+            expected[n].lerp_(p.detach().float(), 1.0 - 0.9)
+        assert all(torch.equal(ema.shadow[n], expected[n]) for n in expected)
+    assert ema.updates == 3

@@ -159,9 +159,14 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
             counts[name] = counts.get(name, 0) + 1
             written += 1
 
+    from lightning_modules.progress import Progress
+
     batch = []
+    # the total is unknown until the shards are read (WebDataset tars carry no count): images done, rate, elapsed
+    bar = Progress(None, f"pretokenize rank {rank}/{world_size}", "images")
     try:
         for key, img, label in iter_samples(mine, skips):
+            bar.update()
             try:
                 batch.append((key, image_variants(img, image_size, ten_crop, crop_range), label))
             except Exception as exn:  # noqa: BLE001 - e.g. truncated image data discovered while cropping
@@ -173,6 +178,7 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
         if batch:
             flush(batch)
     finally:
+        bar.close()
         writer.close()
     part = {"num_samples": written, "shards": counts,
             "tokenizer": {"kind": kind, "fingerprint": tokenizer.fingerprint, "config": tokenizer.config(),

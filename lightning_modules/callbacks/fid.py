@@ -10,9 +10,10 @@ Features and logits go into a ``FeatureStats`` metric whose sum-reduced states t
 FID/IS come from the same numerics as ``python -m experiments.evaluate``. The EMA weights are used when an EMA
 callback is attached. Ranks sample through ``callbacks/gathered.py::sampling_module``: whole weights on every
 rank, so no forward is a collective (under ZeRO-3 a gathered replica) and a rank with one batch fewer than its
-peers (num_batches not a multiple of W) cannot hang them; the one collective is the metric sync, which every
-rank reaches. Logs ``val/fid{n}`` and ``val/is{n}`` with
-n = 1k / 10k / 50k, or the plain count when not a multiple of 1000 (``val/fid200``).
+peers (num_batches not a multiple of W) cannot hang them; the collectives are the metric sync and the max of the
+sampling times, which every rank reaches. Logs ``val/fid{n}`` and ``val/is{n}`` with
+n = 1k / 10k / 50k, or the plain count when not a multiple of 1000 (``val/fid200``), and the sampling throughput
+``val/sample_images_per_s`` (the set's images over the slowest rank's time in ``sample_images``).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from lightning_modules.callbacks.gathered import sampling_module
 from lightning_modules.metrics.extractors import load_extractor
 from lightning_modules.metrics.reference import RefStats, resolve_reference
 from lightning_modules.metrics.scores import FeatureStats, fid_from_stats
+from lightning_modules.progress import Progress
 from lightning_modules.sample_set import batch_seed, count_tag, eval_plan
 
 
@@ -65,10 +67,10 @@ class FIDCallback(Callback):
 
     # -- setup: load the extractor and the reference before training, so a bad path fails in seconds ----------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._prepare()
+        if stage == "fit":  # rank 0 reports the reference's feature extraction where the trainer shows progress
+            self._prepare(show_progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
 
-    def _prepare(self) -> None:
+    def _prepare(self, show_progress: bool = False) -> None:
         if self.extractor is None:
             self.extractor = load_extractor(self.extractor_kind, self.extractor_path)
         if self.ref_stats is None:
@@ -79,7 +81,7 @@ class FIDCallback(Callback):
                 self.ref_stats = ref.check(self.extractor)
             else:
                 self.ref_stats = resolve_reference(str(self.ref), self.extractor, need_features=False,
-                                                   **self.ref_kwargs)
+                                                   show_progress=show_progress, **self.ref_kwargs)
 
     # -- triggers ------------------------------------------------------------------------------------------------
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
@@ -101,26 +103,37 @@ class FIDCallback(Callback):
         device = pl_module.device
         extractor = self.extractor.to(device)
         metric = FeatureStats(extractor.num_features, extractor.num_classes, total=self.num_samples).to(device)
-        plan = eval_plan(self.num_samples, self.num_classes, self.batch_size, self.seed,
-                         trainer.global_rank, trainer.world_size)
-        with sampling_module(trainer, pl_module, ranks="all") as (module, used_ema):
+        plan = list(eval_plan(self.num_samples, self.num_classes, self.batch_size, self.seed,
+                              trainer.global_rank, trainer.world_size))
+        # rank 0's share, and only where the trainer shows progress (not in quiet runs: tests, sweeps)
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        progress = Progress(sum(len(labels) for _, labels, _, _ in plan),
+                            f"[fid] step {trainer.global_step}: sampling (rank 0's share)", "images", enabled=show)
+        sampling_s = 0.0
+        with sampling_module(trainer, pl_module, ranks="all") as (module, used_ema), progress:
             was_training = module.training
             try:
                 module.eval()
                 for _, labels, index, seed in plan:
                     # one profiled action per batch: the hang watchdog (experiments/watchdog.py) sees progress
                     with trainer.profiler.profile("[FIDCallback]sample_batch"):
+                        start = time.perf_counter()
                         images = module.sample_images(labels.to(device), seed=seed, **self.sample_kwargs)
+                        sampling_s += time.perf_counter() - start  # decoded to uint8: the work is done
                     if images.shape[0] != len(labels):
                         raise ValueError(f"sample_images returned {images.shape[0]} images for {len(labels)} labels")
                     feats, logits = extractor.features_and_logits(images)   # [b, F], [b, K]
                     metric.update(feats, logits, index.to(device))
+                    progress.update(len(labels))
             finally:
                 module.train(was_training)
         out = metric.compute()  # collective: every rank must reach this line
+        # the set's images over the slowest rank's sampling time (a second collective that every rank reaches)
+        slowest = float(trainer.strategy.reduce(torch.tensor(sampling_s, device=device), reduce_op="max"))
         ref = self.ref_stats
         fid = fid_from_stats(out["mu"], out["sigma"], ref.mu, ref.sigma)
-        metrics = {f"val/fid{self.tag}": fid, f"val/is{self.tag}": out.get("is", float("nan"))}
+        metrics = {f"val/fid{self.tag}": fid, f"val/is{self.tag}": out.get("is", float("nan")),
+                   "val/sample_images_per_s": out["num_samples"] / max(slowest, 1e-9)}
         self._last_step = trainer.global_step
         # the details sit under one key so merging into metrics.json cannot clobber the run's own fields
         self.last_results = dict(metrics, fid_eval={

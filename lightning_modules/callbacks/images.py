@@ -8,17 +8,20 @@ import torch
 from PIL import Image
 
 
-def image_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> torch.Tensor:
-    """images uint8 [B, 3, H, W] -> one grid uint8 [3, rows*(H*scale+pad)+pad, nrow*(W*scale+pad)+pad]."""
-    if scale > 1:
-        images = images.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    B, C, H, W = images.shape
-    rows = (B + nrow - 1) // nrow
-    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = images[i]
-    return grid
+def upscale(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Integer nearest-neighbour upscaling of [..., H, W] (torchvision's resize would interpolate or need PIL)."""
+    return images.repeat_interleave(scale, -2).repeat_interleave(scale, -1) if scale > 1 else images
+
+
+def image_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1, pad_value: int = 255) -> torch.Tensor:
+    """images uint8 [B, 3, H, W] -> one grid uint8 [3, rows*(H*scale+pad)+pad, min(nrow, B)*(W*scale+pad)+pad]:
+    torchvision's make_grid over the images upscaled for display (white frame by default)."""
+    from torchvision.utils import make_grid
+
+    images = upscale(images, scale)
+    if images.shape[0] == 1:  # make_grid returns a lone image without its frame; keep the frame every grid has
+        return torch.nn.functional.pad(images[0], (pad,) * 4, value=pad_value)
+    return make_grid(images, nrow=nrow, padding=pad, pad_value=pad_value)
 
 
 def save_png(image: torch.Tensor, path: str) -> str:

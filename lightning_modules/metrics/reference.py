@@ -139,23 +139,29 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
 
 
 def extract_stats(extractor, batches: Iterable[np.ndarray | torch.Tensor], total: int = 0, keep_features: int = 0,
-                  with_is: bool = False, num_splits: int = IS_SPLITS) -> tuple[dict, np.ndarray | None]:
+                  with_is: bool = False, num_splits: int = IS_SPLITS,
+                  progress: str = "") -> tuple[dict, np.ndarray | None]:
     """Run ``extractor`` over uint8 batches (NHWC arrays or NCHW tensors) -> (FeatureStats.compute(), features).
 
     Local only (``sync_on_compute=False``): every rank that calls this sees the whole set, so summing across
     ranks would double count. ``features`` keeps the first ``keep_features`` rows (float32) for P/R.
+    ``progress``: a label to report progress under (lightning_modules/progress.py); "" = silent.
     """
+    from lightning_modules.progress import Progress
+
     metric = FeatureStats(extractor.num_features, extractor.num_classes if with_is else 0, total=total,
                           num_splits=num_splits, sync_on_compute=False).to(extractor.device)
     kept, offset = [], 0
-    for b in batches:
-        x = to_nchw(b) if isinstance(b, np.ndarray) else b
-        feats, logits = extractor.features_and_logits(x)
-        idx = torch.arange(offset, offset + len(x), device=feats.device)
-        metric.update(feats, logits if with_is else None, idx if with_is else None)
-        if offset < keep_features:
-            kept.append(feats[:keep_features - offset].float().cpu())
-        offset += len(x)
+    with Progress(total or None, progress, "images", enabled=bool(progress)) as bar:
+        for b in batches:
+            x = to_nchw(b) if isinstance(b, np.ndarray) else b
+            feats, logits = extractor.features_and_logits(x)
+            idx = torch.arange(offset, offset + len(x), device=feats.device)
+            metric.update(feats, logits if with_is else None, idx if with_is else None)
+            if offset < keep_features:
+                kept.append(feats[:keep_features - offset].float().cpu())
+            offset += len(x)
+            bar.update(len(x))
     if offset == 0:
         raise ValueError("no images to extract features from")
     return metric.compute(), (torch.cat(kept).numpy() if kept else None)
@@ -185,7 +191,8 @@ def _cache_path(cache_dir: str | None, tag: str, extractor, key: dict) -> str | 
 
 
 def load_reference_npz(path: str, extractor=None, need_features: bool = False, batch_size: int = 100,
-                       cache_dir: str | None = None, max_features: int = MAX_PR_FEATURES) -> RefStats:
+                       cache_dir: str | None = None, max_features: int = MAX_PR_FEATURES,
+                       show_progress: bool = True) -> RefStats:
     """Read an ADM reference batch or a cached reference; validated against ``extractor`` when given."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"eval.reference: reference file not found: {path}")
@@ -210,11 +217,12 @@ def load_reference_npz(path: str, extractor=None, need_features: bool = False, b
         return ref
     ref.check(extractor)
     if need_features and ref.features is None and "arr_0" in keys:
-        ref.features = _adm_image_features(path, extractor, batch_size, cache_dir, max_features)
+        ref.features = _adm_image_features(path, extractor, batch_size, cache_dir, max_features, show_progress)
     return ref
 
 
-def _adm_image_features(path: str, extractor, batch_size: int, cache_dir: str | None, limit: int) -> np.ndarray:
+def _adm_image_features(path: str, extractor, batch_size: int, cache_dir: str | None, limit: int,
+                        show_progress: bool = True) -> np.ndarray:
     """P/R features of an ADM reference's ``arr_0`` images (10k Inception passes: cached when cache_dir is set)."""
     images = NpzImages(path)
     st = os.stat(path)
@@ -225,7 +233,8 @@ def _adm_image_features(path: str, extractor, batch_size: int, cache_dir: str | 
         with np.load(cache) as z:
             return np.asarray(z["features"], np.float32)
     n = min(limit, len(images))
-    stats, feats = extract_stats(extractor, images.batches(batch_size, n), keep_features=n)
+    stats, feats = extract_stats(extractor, images.batches(batch_size, n), total=n, keep_features=n,
+                                 progress=f"reference features ({os.path.basename(path)})" if show_progress else "")
     if cache:
         save_reference_npz(cache, RefStats(stats["mu"], stats["sigma"], n, extractor.name, path, feats))
     return feats
@@ -235,24 +244,27 @@ def _adm_image_features(path: str, extractor, batch_size: int, cache_dir: str | 
 # Computed references: embedded digits, WebDataset shards
 # ----------------------------------------------------------------------------------------------------------------
 def reference_from_images(images: Callable[[], Iterable[np.ndarray]], extractor, source: str,
-                          cache: str | None = None, max_features: int = MAX_PR_FEATURES) -> RefStats:
-    """Stats of a set of real images, through the cache when ``cache`` names a file. ``images()`` yields batches."""
+                          cache: str | None = None, max_features: int = MAX_PR_FEATURES, total: int = 0,
+                          show_progress: bool = True) -> RefStats:
+    """Stats of a set of real images, through the cache when ``cache`` names a file. ``images()`` yields batches
+    (``total`` of them when known, for the progress line)."""
     if cache and os.path.isfile(cache):
         return load_reference_npz(cache, extractor)
-    stats, feats = extract_stats(extractor, images(), keep_features=max_features)
+    stats, feats = extract_stats(extractor, images(), total=total, keep_features=max_features,
+                                 progress=f"reference stats ({source})" if show_progress else "")
     ref = RefStats(stats["mu"], stats["sigma"], stats["num_samples"], extractor.name, source, feats)
     if cache:
         save_reference_npz(cache, ref)
     return ref
 
 
-def digits_reference(extractor, split: str = "train", batch_size: int = 256) -> RefStats:
-    """Embedded digits; cheap (1.4k images of 8x8), so never cached."""
+def digits_reference(extractor, split: str = "train", batch_size: int = 256, show_progress: bool = False) -> RefStats:
+    """Embedded digits; cheap (1.4k images of 8x8), so never cached (and no progress line by default)."""
     from datamodules.digits import digits_arrays
 
     images, _ = digits_arrays(split)                              # uint8 [n, 8, 8]
     batches = lambda: (images[i:i + batch_size] for i in range(0, len(images), batch_size))  # noqa: E731
-    return reference_from_images(batches, extractor, f"digits:{split}")
+    return reference_from_images(batches, extractor, f"digits:{split}", total=len(images), show_progress=show_progress)
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -294,7 +306,7 @@ def _shard_images(urls: list[str], image_size: int, count: int, batch_size: int)
 
 
 def shard_reference(pattern: str, extractor, image_size: int, count: int = 0, cache_dir: str | None = None,
-                    batch_size: int = 100, max_features: int = MAX_PR_FEATURES) -> RefStats:
+                    batch_size: int = 100, max_features: int = MAX_PR_FEATURES, show_progress: bool = True) -> RefStats:
     """Stats of the first ``count`` images (0 = all) of the shards, cached by (shards, extractor, size, count)."""
     urls = expand_shards(pattern)
     key = {"shards": [(os.path.basename(u), os.path.getsize(u)) for u in urls], "extractor": extractor.name,
@@ -303,17 +315,19 @@ def shard_reference(pattern: str, extractor, image_size: int, count: int = 0, ca
     tag = os.path.commonprefix([os.path.basename(u) for u in urls]).rstrip("0123456789-_.") or "shards"
     cache = _cache_path(cache_dir, f"{tag}-{image_size}px-n{count or 'all'}", extractor, key)
     return reference_from_images(lambda: _shard_images(urls, image_size, count, batch_size), extractor, pattern,
-                                 cache, max_features)
+                                 cache, max_features, total=count, show_progress=show_progress)
 
 
 def resolve_reference(spec: str, extractor, *, image_size: int = 256, count: int = 0,
                       cache_dir: str | None = ".cache/fid_refs", batch_size: int = 100,
-                      need_features: bool = True) -> RefStats:
-    """``spec``: an .npz file, ``digits[:split]``, or a shard pattern (see module docstring)."""
+                      need_features: bool = True, show_progress: bool = True) -> RefStats:
+    """``spec``: an .npz file, ``digits[:split]``, or a shard pattern (see module docstring). ``show_progress``:
+    report the feature extraction of a reference set (lightning_modules/progress.py; the digits take a second)."""
     if not spec:
         raise ValueError("eval.reference is empty: give an ADM/cached .npz, 'digits', or a shard pattern")
     if spec.endswith(".npz"):
-        return load_reference_npz(spec, extractor, need_features, batch_size, cache_dir)
+        return load_reference_npz(spec, extractor, need_features, batch_size, cache_dir, show_progress=show_progress)
     if spec == "digits" or spec.startswith("digits:"):
         return digits_reference(extractor, spec.partition(":")[2] or "train")
-    return shard_reference(spec, extractor, image_size, count, cache_dir, batch_size).check(extractor)
+    return shard_reference(spec, extractor, image_size, count, cache_dir, batch_size,
+                           show_progress=show_progress).check(extractor)

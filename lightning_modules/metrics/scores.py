@@ -52,6 +52,8 @@ def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.
     return gaussian_from_moments(*moments(features))
 
 
+# Ours, not torchmetrics' FrechetInceptionDistance / torch-fidelity's FID: they bind their own Inception and keep
+# the features; we need ADM's float64 numerics (scipy sqrtm) on moments summed across ranks, for any extractor.
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
                    eps: float = FID_EPS) -> float:
     """||mu1 - mu2||^2 + Tr(s1 + s2 - 2 (s1 s2)^1/2), ADM numerics."""
@@ -108,6 +110,7 @@ def is_from_split_sums(plogp: torch.Tensor, psum: torch.Tensor, count: torch.Ten
     return float(scores.mean()), float(scores.std(correction=0)) if len(scores) > 1 else 0.0
 
 
+# Ours, not torchmetrics' InceptionScore: that shuffles before splitting; ADM cuts contiguous splits by global index.
 def inception_score(logits: torch.Tensor | np.ndarray, num_splits: int = IS_SPLITS) -> tuple[float, float]:
     """logits [N, K] in sample order -> (IS mean, std over chunks)."""
     logits = torch.as_tensor(logits)
@@ -152,6 +155,8 @@ def manifold_coverage(query: torch.Tensor, support: torch.Tensor, support_radii:
     return inside
 
 
+# Ours, batched in float64 and rank-free; torch-fidelity's (metric_prc.py) is the same definition and is tested equal
+# (tests/test_eval_scores.py), but wants its own feature extraction through calculate_metrics.
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = PR_K,
                      batch_size: int = 4096) -> tuple[float, float]:
     """precision = share of fakes on the real manifold; recall = share of reals on the fake manifold."""

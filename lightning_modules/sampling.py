@@ -47,6 +47,10 @@ class DecodeState:
 
 @dataclass
 class SampleSettings:
+    """The resolved settings of one generate() call (every field set). The config's SampleConfig
+    (lightning_modules/hparams.py) has the same fields but "empty = the ordering's default"; ARModule.sample_settings
+    turns one into the other."""
+
     num_steps: int
     schedule: str
     cfg_scale: float = 1.0

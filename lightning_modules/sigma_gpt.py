@@ -15,26 +15,19 @@ from __future__ import annotations
 from lightning_modules.base import ARModule
 from lightning_modules.order_policies import ORDER_POLICIES
 from lightning_modules.ordering import AnyOrder, Capabilities
-from lightning_modules.raster import next_token_inputs, next_token_step
+from lightning_modules.raster import RasterOrdering
 
 
-class SigmaGPTOrdering(AnyOrder):
+class SigmaGPTOrdering(AnyOrder, RasterOrdering):
+    """The raster ordering's next-token layout and one-token decode steps (RasterOrdering), over AnyOrder's
+    random orders: a fresh one per sample for training and for decoding, known positions first."""
+
     capabilities = Capabilities(any_order=True, parallel=False, per_sample_orders=True, flavours=("llama", "rar_vit"),
                                 schedules=("one_per_step", *ORDER_POLICIES))
     default_sample = dict(schedule="one_per_step", cfg_schedule="constant")
 
     def backbone_options(self, dims):
         return {"target_aware": True}
-
-    def train_inputs(self, codes, labels, step, generator, order=None):
-        if order is None:
-            order = self.train_order(codes.shape[0], step, generator, codes.device)
-        return next_token_inputs(codes, labels, order)
-
-    def decode_step(self, state, n):
-        if n != 1:
-            raise ValueError("sample.schedule: the sigma_gpt ordering decodes exactly one token per step")
-        return next_token_step(state)
 
 
 class SigmaGPTModule(ARModule):

@@ -143,7 +143,7 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_in_one_line(trained, tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main(["-c", DEMO, *overrides(out, "evil", f"resume={evil}", "trainer.max_steps=4")])
     captured = capsys.readouterr()
-    assert exit_.value.code == 1 and "payload ran" not in captured.out + captured.err
+    assert exit_.value.code == 2 and "payload ran" not in captured.out + captured.err
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and evil in errors[0] and "weights_only=True" in errors[0], captured.err[-2000:]
 

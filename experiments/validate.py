@@ -149,6 +149,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(s.mode, ("official", "consistent"), "sample.mode")
     _choice(s.draw, ("", "multinomial", "inverse_cdf"), "sample.draw")
     _choice(s.precision, ("", "fp32", "bf16"), "sample.precision")
+    _choice(s.compile, ("auto", "on", "off"), "sample.compile")  # lightning_modules/sampling.py::fast_path
 
     c = cfg.callbacks
     _unit(c.ema_decay, "callbacks.ema_decay")

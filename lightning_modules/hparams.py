@@ -78,6 +78,7 @@ class SampleConfig:  # empty / 0 = the ordering's default
     mode: str = "official"  # official | consistent
     draw: str = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
     precision: str = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights samples)
+    compile: str = "auto"  # the fast decode path: auto (on with CUDA, off on a CPU) | on | off (the eager loop)
 
 
 # Sample fields whose empty value means "the ordering's default" (the others always come from the config).

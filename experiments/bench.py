@@ -112,11 +112,11 @@ def _fmt(v) -> str:
     return str(v)
 
 
-TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
+TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "compile", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
               "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
 SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "compile", "kv_cache", "seconds",
                "seconds_min", "cpu_s", "first_call_s", "images_per_s", "speedup_vs_raster", "speedup_cpu",
-               "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "load"]
+               "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "load"]
 
 
 def markdown(results: dict) -> str:
@@ -134,6 +134,11 @@ def markdown(results: dict) -> str:
             text = ", ".join(f"{k} {v['gflops']} GFLOP/s {v['per_n']} ({v['gflops_per_cpu_s']} per CPU-s)"
                              for k, v in peaks.items())
             lines.append(f"- matmul peak ({key.split('_')[1]}, load {results[key]['load_average']}): {text}")
+    if "gpu_tests" in results:
+        g = results["gpu_tests"]
+        lines += ["", "## GPU tests", "", f"`{g['command']}`: exit {g['rc']}, {g['summary']} ({g['seconds']} s)"]
+    if results.get("skipped"):
+        lines += ["", "skipped (time budget): " + "; ".join(results["skipped"])]
     if "train" in results:
         t = results["train"]
         lines += ["", "## Training step", "", f"memory: {t['memory_method']}; FLOPs: {t['flop_method']}", ""]
@@ -198,12 +203,31 @@ def parse_args(argv=None):
     p.add_argument("--data-workers", default="0,1,2", help="data: comma-separated DataLoader worker counts")
     p.add_argument("--data-batch-size", type=int, default=32)
     p.add_argument("--data-shards", default=None, help="data: shard pattern (default: synthetic 256x256 JPEG shards)")
+    p.add_argument("--suite", default="default", choices=("default", "gpu"),
+                   help="gpu: the GPU suite of experiments/bench_gpu.py (`make bench-gpu`; needs `all`)")
+    p.add_argument("--dry-run", action="store_true", help="--suite gpu: the same code on the CPU at toy sizes")
+    p.add_argument("--budget-s", type=float, default=0.0, help="--suite gpu: seconds the suite may take (0 = 540, "
+                                                                "unlimited with --dry-run)")
     p.add_argument("--out", required=True, help="FILE.json (FILE.md is written beside it)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.suite == "gpu":
+        import sys
+
+        from experiments.bench_gpu import preflight
+
+        missing = preflight()
+        if missing:  # the GPU image lacks some of roar's packages: say which, in one line
+            print(missing, file=sys.stderr)
+            return 2
+        if a.what != "all":
+            print("bench: --suite gpu runs `all`", file=sys.stderr)
+            return 2
+        if a.dry_run:
+            a.device = "cpu"
     threads = torch.get_num_threads()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -222,6 +246,15 @@ def run(a, argv) -> int:
     variants = [v for v in a.variants.split(",") if v] or runnable_variants(a.flavour)
     peak_sizes = tuple(int(n) for n in a.peak_sizes.split(","))
     seconds = results["seconds"] = {}
+    if a.suite == "gpu":
+        from experiments.bench_gpu import run_suite
+
+        run_suite(a, results)
+        add_mfu(results)
+        json_path, md_path = write_results(results, a.out)
+        print(markdown(results))
+        print(f"bench: wrote {json_path} and {md_path}")
+        return 0
     if a.what in ("train", "all"):
         from experiments.bench_train import bench_train
 

@@ -182,7 +182,8 @@ def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tu
 
 def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, warmup=1, device="cpu", grid=16,
                  vocab=16384, sweep=(), no_sweep=False, nocache="default", draws=("multinomial", "inverse_cdf"),
-                 precisions=("fp32",), compiles=("off",), cfgs=None, cfg_scale=4.0, seed=0) -> dict:
+                 precisions=("fp32",), compiles=("off",), cfgs=None, cfg_scale=4.0, seed=0,
+                 memory: bool = False) -> dict:
     """Per size: round-robin over every (variant, batch, steps, cfg, draw, precision, compile, cache) setting, so a
     load change on a shared machine hits all alike; median seconds of ``repeat`` after ``warmup`` (at least one
     warm-up call where a compiled step is timed: it compiles; its seconds are ``first_call_s``). The no-cache
@@ -236,6 +237,12 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 run(*r)
                 sync(device)
                 times[r].append((time.perf_counter() - t, time.process_time() - c))
+        mem = {}
+        if memory:  # the peak memory of one generate call (CUDA: max_memory_allocated; CPU: resident set)
+            from experiments.bench_train import peak_memory
+
+            for r in runs:
+                mem[r] = peak_memory(lambda: run(*r), device)[0]
         for r, tc in times.items():
             v, batch, steps, cfg, draw, precision, comp, cache = r
             ts = [t for t, _ in tc]
@@ -247,6 +254,8 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                    "load": load_average()[:1]}
             if r in first:
                 row["first_call_s"] = round(first[r], 3)
+            if mem.get(r) is not None:
+                row["peak_mem_mb"] = round(mem[r] / 2 ** 20, 1)
             if cache:  # the no-cache reference recomputes the prefix: its FLOPs are not the generation's
                 row["gflop"] = round(flops[r[:4]] / 1e9, 4)
                 row["gflops"] = round(flops[r[:4]] / med / 1e9, 3)

@@ -128,7 +128,7 @@ class RARViTBackbone(nn.Module):
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
         """Logits float32 [B, M, V] at ``seq.out``; ``prepared``: the fast decode path's static masks (no sync)."""
-        if prepared is None:
+        if prepared is None and not torch.compiler.is_compiling():  # a host sync: no graph break under compile
             self.check(seq)
         B, L = seq.kind.shape
         cls_ids = self.class_ids(seq.labels)[:, None].expand(B, L)

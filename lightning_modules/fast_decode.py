@@ -186,7 +186,7 @@ def fast_generate(ordering, backbone, plan: DecodePlan, state: DecodeState, scal
         new, logits = fn(backbone, cache, tokens_pad, s.seq, s.prep, s.write, s.scale, noise, keep, keep_tokens,
                          B2 > B, settings.temperature, settings.top_k, settings.top_p, settings.draw)
         if recorder is not None:
-            recorder(dict(step=t, logits_cfg=logits, tokens=new))
+            recorder(dict(step=t, logits_cfg=logits.clone(), tokens=new.clone()))  # CUDA graphs reuse outputs
     out = torch.empty(B, N, dtype=torch.long, device=device)
     out.scatter_(1, state.order[:B], tokens_pad[:B, 1:])  # back to raster order
     return out

@@ -134,6 +134,31 @@ def sample_nocache(module, labels, settings, generator=None, **kwargs) -> torch.
     return generate(NoCacheModule(module), labels, settings, generator, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- FLOPs
+def generation_flops(module, batch: int, settings, seed: int = 0) -> dict:
+    """Model FLOPs of one cached ``generate`` call, counted from its decode plan like the training FLOPs: per step
+    the matmuls over the slots fed and the queries asked, the attention over the visible cache length (the step's
+    whole-cache mask from the fast path's plan, attention.StaticPrep), the head at the output slots (bench_train.
+    forward_flops). CFG's doubled batch is counted: it is computed. Draws, norms and embeddings are not counted."""
+    from experiments.bench_train import forward_flops
+    from lightning_modules.fast_decode import plan_steps
+    from lightning_modules.sampling import start_state, step_scales
+
+    ordering, backbone, device = module.ordering, module.backbone, module.device
+    N = backbone.num_positions
+    plan = ordering.decode_plan(batch, settings.num_steps, settings.schedule, make_generator(seed, device),
+                                device=device)
+    scales = step_scales(ordering, plan, settings, N)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    state = start_state(plan, labels, any(s != 1.0 for s in scales), backbone.num_classes, N, settings.mode)
+    cache = backbone.new_cache(1, ordering.cache_length(N), device=device)  # only its length is read
+    out = {"body": 0, "attention": 0, "head": 0, "total": 0}
+    for step in plan_steps(ordering, backbone, plan, state, scales, cache):
+        for k, v in forward_flops(backbone, step.seq, step.prep).items():
+            out[k] += v
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- benchmark
 def scaled(steps_of_256: int, n: int) -> int:
     return max(1, round(steps_of_256 * n / 256))
@@ -157,10 +182,13 @@ def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tu
 
 def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, warmup=1, device="cpu", grid=16,
                  vocab=16384, sweep=(), no_sweep=False, nocache="default", draws=("multinomial", "inverse_cdf"),
-                 precisions=("fp32",), cfg_scale=4.0, seed=0) -> dict:
-    """Per size: round-robin over every (variant, batch, steps, cfg, draw, cache) setting, so a load change on a
-    shared machine hits all alike; median seconds of ``repeat`` after ``warmup``. The no-cache reference runs
-    at the headline steps with CFG off and the first draw ("default"), everywhere ("all"), or never ("off")."""
+                 precisions=("fp32",), compiles=("off",), cfgs=None, cfg_scale=4.0, seed=0,
+                 memory: bool = False) -> dict:
+    """Per size: round-robin over every (variant, batch, steps, cfg, draw, precision, compile, cache) setting, so a
+    load change on a shared machine hits all alike; median seconds of ``repeat`` after ``warmup`` (at least one
+    warm-up call where a compiled step is timed: it compiles; its seconds are ``first_call_s``). The no-cache
+    reference runs at the headline steps with CFG off and the first draw ("default"), everywhere ("all"), or never
+    ("off"). Every row carries the generation's model FLOPs (``generation_flops``) and its GFLOP/s."""
     from experiments.bench_train import bench_module
 
     rows, n = [], grid * grid
@@ -171,22 +199,36 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
         for v in variants:
             for batch in batches:
                 for steps, head in step_plan(v, n, list(sweep), no_sweep):
-                    for cfg in (1.0, cfg_scale):
+                    for cfg in (cfgs or (1.0, cfg_scale)):
                         for draw in draws:
                             for precision in precisions:
-                                runs.append((v, batch, steps, cfg, draw, precision, True))
+                                for comp in compiles:
+                                    runs.append((v, batch, steps, cfg, draw, precision, comp, True))
                         if nocache == "all" or (nocache == "default" and head and cfg == 1.0):
-                            runs.append((v, batch, steps, cfg, draws[0], "fp32", False))  # reference: fp32
+                            runs.append((v, batch, steps, cfg, draws[0], "fp32", "off", False))  # reference
 
-        def run(v, batch, steps, cfg, draw, precision, cache):
+        def settings(v, batch, steps, cfg, draw, precision, comp):
+            return modules[v].sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw, precision=precision,
+                                              compile=comp)
+
+        def run(v, batch, steps, cfg, draw, precision, comp, cache):
             m = modules[v]
             labels = torch.arange(batch, device=device) % m.backbone.num_classes
-            s = m.sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw, precision=precision)
+            s = settings(v, batch, steps, cfg, draw, precision, comp)
             (generate if cache else sample_nocache)(m, labels, s, make_generator(seed, device))
 
+        first = {}
         for r in runs:
-            for _ in range(warmup):
+            for i in range(max(warmup, 1 if r[6] in ("on", "auto") else 0)):
+                sync(device)
+                t = time.perf_counter()
                 run(*r)
+                sync(device)
+                first.setdefault(r, time.perf_counter() - t)
+        flops = {}
+        for r in runs:
+            if r[:4] not in flops:
+                flops[r[:4]] = generation_flops(modules[r[0]], r[1], settings(*r[:7]), seed)["total"]
         times = {r: [] for r in runs}
         for _ in range(repeat):
             for r in runs:
@@ -195,16 +237,31 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 run(*r)
                 sync(device)
                 times[r].append((time.perf_counter() - t, time.process_time() - c))
-        for (v, batch, steps, cfg, draw, precision, cache), tc in times.items():
+        mem = {}
+        if memory:  # the peak memory of one generate call (CUDA: max_memory_allocated; CPU: resident set)
+            from experiments.bench_train import peak_memory
+
+            for r in runs:
+                mem[r] = peak_memory(lambda: run(*r), device)[0]
+        for r, tc in times.items():
+            v, batch, steps, cfg, draw, precision, comp, cache = r
             ts = [t for t, _ in tc]
             med = statistics.median(ts)
-            rows.append({"variant": v, "size": size, "flavour": flavour, "batch": batch, "steps": steps,
-                         "cfg": cfg, "draw": draw, "precision": precision, "kv_cache": cache, "seconds": round(med, 4),
-                         "seconds_min": round(min(ts), 4), "seconds_all": [round(t, 4) for t in ts],
-                         "cpu_s": round(statistics.median(c for _, c in tc), 4),
-                         "images_per_s": round(batch / med, 3), "load": load_average()[:1]})
-            print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} {precision} cache {cache}: "
-                  f"{med:.3f} s, {batch / med:.2f} images/s", flush=True)
+            row = {"variant": v, "size": size, "flavour": flavour, "batch": batch, "steps": steps, "cfg": cfg,
+                   "draw": draw, "precision": precision, "compile": comp, "kv_cache": cache, "seconds": round(med, 4),
+                   "seconds_min": round(min(ts), 4), "seconds_all": [round(t, 4) for t in ts],
+                   "cpu_s": round(statistics.median(c for _, c in tc), 4), "images_per_s": round(batch / med, 3),
+                   "load": load_average()[:1]}
+            if r in first:
+                row["first_call_s"] = round(first[r], 3)
+            if mem.get(r) is not None:
+                row["peak_mem_mb"] = round(mem[r] / 2 ** 20, 1)
+            if cache:  # the no-cache reference recomputes the prefix: its FLOPs are not the generation's
+                row["gflop"] = round(flops[r[:4]] / 1e9, 4)
+                row["gflops"] = round(flops[r[:4]] / med / 1e9, 3)
+            rows.append(row)
+            print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} {precision} compile {comp} "
+                  f"cache {cache}: {med:.3f} s, {batch / med:.2f} images/s", flush=True)
         del modules
     add_speedups(rows, n)
     return {"results": rows, "targets": targets(rows, n), "load_average": load_average(),
@@ -213,31 +270,50 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                     "step); precision = sample.precision (bf16: a bf16 copy of the weights, as the official "
                     "samplers); "
                     "draw = sample.draw (multinomial: torch.multinomial, the reference stream; inverse_cdf: "
-                    "one uniform per token); speedup_vs_raster = raster N-step seconds / seconds at the same size, "
-                    "batch, CFG, draw and precision (both cached)"}
+                    "one uniform per token); compile = sample.compile (off: the eager loop; on: the compiled "
+                    "static step; static: the static step uncompiled); speedup_vs_raster = raster N-step seconds / "
+                    "seconds at the same size, batch, CFG, draw, precision and compile (both cached); "
+                    "speedup_vs_eager = the same setting with compile off / this; gflop = model FLOPs of one "
+                    "generation from its decode plan (CFG's doubled batch included), mfu = gflops / the matmul "
+                    "peak of the precision"}
 
 
 def add_speedups(rows: list[dict], n: int) -> None:
     """speedup_vs_raster = raster's cached N-step seconds / this row's seconds (same size, batch, CFG, draw,
-    precision)."""
-    key = lambda r: (r["size"], r["batch"], r["cfg"], r["draw"], r.get("precision", "fp32"))  # noqa: E731
+    precision, compile); speedup_vs_eager = the same setting's seconds with sample.compile=off / this row's."""
+    key = lambda r: (r["size"], r["batch"], r["cfg"], r["draw"], r.get("precision", "fp32"),  # noqa: E731
+                     r.get("compile", "off"))
     base = {key(r): r for r in rows if r["variant"] == "raster" and r["kv_cache"] and r["steps"] == n}
+    same = lambda r: (r["variant"], r["steps"], *key(r)[:5], r["kv_cache"])  # noqa: E731
+    eager = {same(r): r for r in rows if r.get("compile", "off") == "off"}
     for r in rows:
         if key(r) in base:
             r["speedup_vs_raster"] = round(base[key(r)]["seconds"] / r["seconds"], 2)
             if r["cpu_s"] > 0 and base[key(r)]["cpu_s"] > 0:  # the same ratio in CPU time (load-robust on CPU)
                 r["speedup_cpu"] = round(base[key(r)]["cpu_s"] / r["cpu_s"], 2)
+        e = eager.get(same(r))
+        if e is not None and e is not r:
+            r["speedup_vs_eager"] = round(e["seconds"] / r["seconds"], 2)
+            if r["cpu_s"] > 0:
+                r["speedup_vs_eager_cpu"] = round(e["cpu_s"] / r["cpu_s"], 2)
 
 
 def targets(rows: list[dict], n: int) -> dict:
-    """The issue's sampling targets: ARPG 32-of-256 steps >= 8x raster, RandAR 88-of-256 >= 2.5x (both cached)."""
+    """The issue's sampling targets (cached rows): ARPG 32-of-256 steps >= 8x raster, RandAR 88-of-256 >= 2.5x;
+    with a compiled step (sample.compile on/static), every ordering >= 2x the eager loop at batch 1. The MFU
+    target (batch 8 >= 0.7 of the matmul peak) is added by bench.add_mfu once the peak is known."""
     out = {}
+    name = lambda r: (f"{r['variant']} {r['steps']} steps, {r['size']}, batch {r['batch']}, cfg {r['cfg']:g}, "  # noqa
+                      f"{r['draw']}, {r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}")
     for variant, steps, goal in (("arpg", scaled(32, n), 8.0), ("randar", scaled(88, n), 2.5)):
         for r in rows:
             if r["variant"] == variant and r["steps"] == steps and r["kv_cache"] and "speedup_vs_raster" in r:
-                k = (f"{variant} {steps} steps, {r['size']}, batch {r['batch']}, cfg {r['cfg']:g}, {r['draw']}, "
-                     f"{r.get('precision', 'fp32')}")
                 met = "met" if r["speedup_vs_raster"] >= goal else "NOT met"
-                out[k] = (f"{r['speedup_vs_raster']}x (target {goal:g}x: {met}; "
-                          f"in CPU time {r.get('speedup_cpu', '-')}x)")
+                out[name(r)] = (f"{r['speedup_vs_raster']}x raster (target {goal:g}x: {met}; "
+                                f"in CPU time {r.get('speedup_cpu', '-')}x)")
+    for r in rows:
+        if r["kv_cache"] and r["batch"] == 1 and "speedup_vs_eager" in r:
+            met = "met" if r["speedup_vs_eager"] >= 2.0 else "NOT met"
+            out[name(r) + " vs eager"] = (f"{r['speedup_vs_eager']}x the eager loop (target 2x: {met}; in CPU time "
+                                          f"{r.get('speedup_vs_eager_cpu', '-')}x)")
     return out

@@ -38,7 +38,8 @@ FLOP_METHOD = "analytic from the Seq layout: 3 x (2 x matmul weights x rows + 4 
 
 # ---------------------------------------------------------------------------------------------- building
 def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int = 16, vocab: int = 16384,
-                 num_classes: int = 1000, compile: bool = False, fused_adam: bool = False, device="cpu"):
+                 num_classes: int = 1000, compile: bool = False, fused_adam: bool = False, device="cpu",
+                 compile_backend: str = "inductor"):
     """An ARModule built through the real config path (experiments.config + experiments.build)."""
     from experiments.build import build_lightning_module
     from experiments.config import load_config
@@ -49,6 +50,7 @@ def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int =
                  f"trainer.compile={str(bool(compile)).lower()}"] + [f"model.{k}={v}" for k, v in dims.items()]
     module = build_lightning_module(load_config([], overrides), (grid, grid))
     module.fused_adam = fused_adam
+    module.compile_backend = compile_backend  # "eager" in the bench's --dry-run: dynamo's capture, no codegen
     return module.to(device)
 
 
@@ -159,7 +161,7 @@ def timed(fn, device) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- benchmark
 def bench_train(variants, sizes, *, flavour="llama", batch=8, repeat=3, warmup=1, device="cpu", dtype="fp32",
-                grid=16, vocab=16384, compile=False, fused_adam=False) -> dict:
+                grid=16, vocab=16384, compile=False, fused_adam=False, compile_backend="inductor") -> dict:
     """Per size: build every variant, warm each up, then time the variants round-robin (interleaved, so a load
     change on a shared machine hits all of them alike); median of ``repeat``; then one step each for memory."""
     rows = []
@@ -167,7 +169,7 @@ def bench_train(variants, sizes, *, flavour="llama", batch=8, repeat=3, warmup=1
         steps = {}
         for v in variants:
             module = bench_module(v, size, flavour=flavour, grid=grid, vocab=vocab, compile=compile,
-                                  fused_adam=fused_adam, device=device)
+                                  fused_adam=fused_adam, device=device, compile_backend=compile_backend)
             steps[v] = TrainStep(module, batch, device, dtype)
         for v, step in steps.items():
             for i in range(warmup):

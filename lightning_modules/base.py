@@ -83,6 +83,7 @@ class ARModule(L.LightningModule):
         self.last_val_step = -1
         self._grad_norm_step = 0  # DeepSpeed: the engine step whose grad norm was last logged
         self._compiled = None  # [torch.compile(backbone)] when compile; a list keeps it out of state_dict
+        self.compile_backend = "inductor"  # the bench's --dry-run sets "eager": the same capture, no codegen
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -119,7 +120,7 @@ class ARModule(L.LightningModule):
         forward only. Sampling and validation stay eager: decode steps change shape every step, and compiling
         them would recompile instead of helping. nn.Module is wrapped, not replaced, so state_dict keys stay."""
         if self.compile and self._compiled is None:
-            self._compiled = [torch.compile(self.backbone)]
+            self._compiled = [torch.compile(self.backbone, backend=self.compile_backend)]
 
     def logits_on(self, codes, labels, step: int, generator, order=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced forward -> (logits [B, N, V], targets [B, N]), both in the ordering's decode order."""

@@ -24,7 +24,7 @@ def linear_weights(module: nn.Module) -> int:
     return sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def visible_pairs(mask, rows: torch.Tensor, batch: int, num_keys: int | None = None) -> int:
+def visible_pairs(mask, rows: torch.Tensor | None, batch: int, num_keys: int | None = None) -> int:
     """(query, key) pairs attention computes over the batch: mask None = causal over ``rows`` (keys = the slots
     themselves), or the True entries of a bool mask [B|1, 1, Lq, Lk]; num_keys without a mask = all keys visible."""
     if mask is None and num_keys is not None:
@@ -34,29 +34,33 @@ def visible_pairs(mask, rows: torch.Tensor, batch: int, num_keys: int | None = N
     return int(mask.sum()) * (batch if mask.shape[0] == 1 else 1)
 
 
-def forward_flops(backbone: nn.Module, seq) -> dict:
-    """Forward matmul FLOPs of one cache-less ``backbone(seq)``, split into body / attention / head."""
+def forward_flops(backbone: nn.Module, seq, prep=None) -> dict:
+    """Forward matmul FLOPs of one ``backbone(seq)``, split into body / attention / head: cache-less (training), or
+    one cached decode step when ``prep`` (attention.StaticPrep) is given — its masks over the whole cache are
+    exactly the keys the step attends to, so attention counts the visible cache length, not the cache size."""
     B, L = seq.kind.shape
     D = backbone.dim
     width = lambda out, n: n if out is None else out.shape[-1]  # outputs per sample  # noqa: E731
     if hasattr(backbone, "blocks"):  # rar_vit: a learned cls prefix slot joins any forward holding row 0
         rows = seq.rows + 1
-        if bool((seq.rows == 0).any()):
+        if (prep.prefix if prep is not None else bool((seq.rows == 0).any())):
             rows = torch.cat([rows.new_zeros(1), rows])
         n = rows.shape[0]
         body = 2 * sum(linear_weights(b) for b in backbone.blocks) * B * n  # incl. the per-slot AdaLN linear
-        attn = len(backbone.blocks) * 4 * D * visible_pairs(None, rows, B)
+        attn = len(backbone.blocks) * 4 * D * visible_pairs(None if prep is None else prep.mask, rows, B)
         M = width(seq.out, L)
         head = 2 * (linear_weights(backbone.adaln_before_head) + linear_weights(backbone.lm_head)) * B * M
     else:
         body = 2 * sum(linear_weights(layer) for layer in backbone.layers) * B * L
-        attn = len(backbone.layers) * 4 * D * visible_pairs(seq.mask, seq.rows, B)
+        attn = len(backbone.layers) * 4 * D * visible_pairs(seq.mask if prep is None else prep.mask, seq.rows, B)
         M = width(seq.out, L)
         if backbone.cross is not None:  # ARPG: shared K/V over the content slots, then Q queries
             Q = seq.query_pos.shape[1]
             body += 2 * linear_weights(backbone.to_kv) * B * L
             body += 2 * sum(linear_weights(c) for c in backbone.cross) * B * Q
-            attn += len(backbone.cross) * 4 * D * visible_pairs(seq.query_mask, torch.arange(Q), B, num_keys=L)
+            pairs = (visible_pairs(seq.query_mask, torch.arange(Q), B, num_keys=L) if prep is None
+                     else visible_pairs(prep.query_mask, None, B))
+            attn += len(backbone.cross) * 4 * D * pairs
             M = width(seq.out, Q)
         head = 2 * linear_weights(backbone.output) * B * M
     return {"body": body, "attention": attn, "head": head, "total": body + attn + head}

@@ -24,6 +24,7 @@ CfgSchedule = Literal["", "constant", "linear", "pow_cosine"]
 SampleMode = Literal["official", "consistent"]
 Draw = Literal["", "multinomial", "inverse_cdf"]
 SamplePrecision = Literal["", "fp32", "bf16"]
+Compile = Literal["auto", "on", "off"]  # lightning_modules/sampling.py::fast_path
 
 
 @dataclass
@@ -89,6 +90,7 @@ class SampleConfig:  # empty / 0 = the ordering's default
     mode: SampleMode = "official"
     draw: Draw = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
     precision: SamplePrecision = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights)
+    compile: Compile = "auto"  # the fast decode path: auto (on with CUDA, off on a CPU) | on | off (the eager loop)
 
 
 # Sample fields whose empty value means "the ordering's default" (the others always come from the config).

@@ -114,6 +114,9 @@ class Ordering:
         raise NotImplementedError
 
     def decode_step(self, state: DecodeState, n: int) -> Seq:
+        """The new slots of one cached forward. Read ``state.tokens`` only by indexing (copy its values into
+        ``ids``, never branch on them): the fast decode path (lightning_modules/fast_decode.py) calls this once
+        per step at plan time with order indices in place of tokens, and gathers the real tokens in the loop."""
         raise NotImplementedError
 
     def cache_length(self, num_positions: int) -> int:

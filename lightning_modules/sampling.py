@@ -63,9 +63,11 @@ class SampleSettings:
     mode: str = "official"
     draw: str = "multinomial"  # multinomial (the reference random stream) | inverse_cdf (fast on CPU; see below)
     precision: str = "fp32"  # fp32 | bf16: the backbone's weights and activations while sampling (sampling_backbone)
+    compile: str = "auto"  # auto | on | off | static: the fast decode path (lightning_modules/fast_decode.py)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
+COMPILE = ("auto", "on", "off", "static")  # static: the fast loop without torch.compile (tests, measurements)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -93,16 +95,8 @@ def sampling_backbone(backbone: nn.Module, precision: str) -> nn.Module:
     return low
 
 
-def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None, draw: str = "multinomial") -> torch.Tensor:
-    """logits [B, n, V] -> tokens [B, n]: /max(T,1e-5), top-k, top-p (keep >= 1), softmax, categorical draw.
-
-    draw="multinomial" is torch.multinomial: it draws V exponentials per token (argmax p/q), which on CPU is
-    about a third of a small model's sampling time. draw="inverse_cdf" samples the same distribution exactly
-    with ONE uniform per token (float64 CDF, so no bin is lost to rounding; zero-probability tokens can never be
-    picked) — a different random stream, so the same seed gives different (equally distributed) tokens."""
-    if draw not in DRAWS:
-        raise ValueError(f"sample.draw: unknown draw {draw!r} (choose from {DRAWS})")
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [B, n, V] -> /max(T, 1e-5), top-k, top-p (keep >= 1): what both decode paths draw from."""
     if temperature != 1.0:  # x / 1.0 == x exactly: skipping it saves a [B, n, V] copy and changes nothing
         logits = logits / max(temperature, 1e-5)
     if top_k > 0:
@@ -113,13 +107,65 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove = cum - sorted_logits.softmax(-1) > top_p  # the first token is always kept
         logits = logits.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
-    probs = logits.softmax(-1).flatten(0, 1)  # [B*n, V]
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None, draw: str = "multinomial") -> torch.Tensor:
+    """logits [B, n, V] -> tokens [B, n]: /max(T,1e-5), top-k, top-p (keep >= 1), softmax, categorical draw.
+
+    draw="multinomial" is torch.multinomial: it draws V exponentials per token (argmax p/q), which on CPU is
+    about a third of a small model's sampling time. draw="inverse_cdf" samples the same distribution exactly
+    with ONE uniform per token (float64 CDF, so no bin is lost to rounding; zero-probability tokens can never be
+    picked) — a different random stream, so the same seed gives different (equally distributed) tokens."""
+    if draw not in DRAWS:
+        raise ValueError(f"sample.draw: unknown draw {draw!r} (choose from {DRAWS})")
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1).flatten(0, 1)  # [B*n, V]
     if draw == "inverse_cdf":
         cdf = probs.double().cumsum(-1)  # [B*n, V]
         u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, generator=generator, device=cdf.device) * cdf[:, -1:]
         # the first bin whose cumulative mass exceeds u; u < total, so one always does (clamp: NaN safety)
         return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).view(logits.shape[:2])
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:2])
+
+
+def step_scales(ordering, plan: DecodePlan, settings: SampleSettings, N: int) -> list[float]:
+    """The CFG scale of every step, from the count the ordering ramps on (before the step, or including it)."""
+    scales, before = [], plan.num_known
+    for n in plan.counts:
+        count = before + n if ordering.cfg_counts_current_step else before
+        scales.append(cfg_scale(settings.cfg_schedule, settings.cfg_scale, count, N, settings.cfg_power,
+                                settings.cfg_start))
+        before += n
+    return scales
+
+
+def start_state(plan: DecodePlan, labels: torch.Tensor, use_cfg: bool, num_classes: int, N: int,
+                mode: str) -> DecodeState:
+    """The state before step 0: the batch doubled to [cond; null] when CFG is on; nothing decoded but the known."""
+    reps = 2 if use_cfg else 1
+    device = labels.device
+    null = torch.full_like(labels, num_classes)
+    return DecodeState(order=plan.order.to(device).repeat(reps, 1),
+                       labels=torch.cat([labels, null]) if use_cfg else labels,
+                       tokens=torch.full((labels.shape[0] * reps, N), -1, dtype=torch.long, device=device),
+                       mode=mode, num_positions=N, done=plan.num_known)
+
+
+def fast_path(setting: str, device, hooks: bool = False) -> bool:
+    """Whether ``generate`` takes the fast decode path (sample.compile; lightning_modules/fast_decode.py).
+
+    off: the eager loop (the reference). on: the static step, torch.compile'd (CUDA graphs on a GPU). static: the
+    static step without torch.compile. auto: on with CUDA, where a decode step is launch-bound and CUDA graphs
+    remove that; off on a CPU, where compiling costs tens of seconds per step shape and a batch-1 step is bound by
+    streaming the weights, not by dispatch (docs/benchmarks.md: the measured gain does not pay the compile back
+    within one generation). A custom draw or a recorder always takes the eager loop: they read each step's eager
+    tensors (parity traces, order maps), which the fused step never materialises."""
+    if setting not in COMPILE:
+        raise ValueError(f"sample.compile: unknown setting {setting!r} (choose from {COMPILE[:3]})")
+    if hooks or setting == "off":
+        return False
+    return setting != "auto" or torch.device(device).type == "cuda"
 
 
 Recorder = Callable[[dict], None]
@@ -144,25 +190,21 @@ def generate(model, labels: torch.Tensor, settings: SampleSettings, generator: t
     B, N = labels.shape[0], backbone.num_positions
     device = labels.device
     plan = ordering.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order, device)
-    scales, before = [], plan.num_known
-    for n in plan.counts:
-        count = before + n if ordering.cfg_counts_current_step else before
-        scales.append(cfg_scale(settings.cfg_schedule, settings.cfg_scale, count, N, settings.cfg_power,
-                                settings.cfg_start))
-        before += n
+    scales = step_scales(ordering, plan, settings, N)
     use_cfg = any(s != 1.0 for s in scales)
     reps = 2 if use_cfg else 1
-    null = torch.full_like(labels, backbone.num_classes)
-    state = DecodeState(order=plan.order.to(device).repeat(reps, 1),
-                        labels=torch.cat([labels, null]) if use_cfg else labels,
-                        tokens=torch.full((B * reps, N), -1, dtype=torch.long, device=device),
-                        mode=settings.mode, num_positions=N, done=plan.num_known)
+    state = start_state(plan, labels, use_cfg, backbone.num_classes, N, settings.mode)
     known_grid = None
     if known is not None:
         mask, known_tokens = known
         known_grid = (mask.to(device), known_tokens.to(device))
         in_order = torch.gather(known_tokens.to(device), 1, plan.order[:, : plan.num_known].to(device))
         state.tokens[:, : plan.num_known] = in_order.repeat(reps, 1)
+    if fast_path(settings.compile, device, hooks=draw is not None or recorder is not None):
+        from lightning_modules.fast_decode import fast_generate
+
+        return fast_generate(ordering, backbone, plan, state, scales, settings, generator, known_grid,
+                             compiled=settings.compile != "static")
     cache = backbone.new_cache(B * reps, ordering.cache_length(N), device=device,
                                dtype=next(backbone.parameters()).dtype)
     for t, n in enumerate(plan.counts):

@@ -145,3 +145,102 @@ def test_flops_match_executed_matmuls_and_attention(variant, flavour, monkeypatc
     f = forward_flops(m.backbone, seq)
     assert f["body"] + f["head"] == counted["linear"]
     assert f["attention"] == counted["attention"]
+
+
+# ---------------------------------------------------------------------------------------------- sampling FLOPs
+def _generation_flop_counts(m, steps, mode, cfg):
+    """FlopCounterMode over one eager generate call (math SDPA, so attention shows as bmm): mm/addmm = the
+    linears, bmm = attention over every (query, key) pair of the visible cache, masked pairs included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m.requires_grad_(False)  # FlopCounterMode's module tracker trips over leaves that require grad under no_grad
+    s = m.sample_settings(num_steps=steps, cfg_scale=cfg, mode=mode)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        generate(m, torch.tensor([0, 1, 2]), s, make_generator(0))
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    linear = sum(v for k, v in counts.items() if k in ("aten.mm", "aten.addmm"))
+    return s, linear, counts.get("aten.bmm", 0)
+
+
+@pytest.mark.parametrize("variant,flavour", VALID)
+def test_generation_flops_match_flop_counter_mode(variant, flavour):
+    """The plan-side count (bench_sample.generation_flops) against torch's FlopCounterMode over one generate call:
+    the matmuls exactly; attention within the masked pairs FlopCounterMode counts densely (exact for one-slot
+    steps and unmasked steps, e.g. raster, ARPG official); the total within 2% (tolerance stated here: the masked
+    share of a 16-token debug generation is < 1%)."""
+    from experiments.bench_sample import generation_flops
+
+    m = make_module(variant, flavour)
+    plan = [("official", 5), ("consistent", 5)] if m.ordering.capabilities.parallel else [("official", 16)]
+    for mode, steps in plan:
+        s, linear, dense_attention = _generation_flop_counts(m, steps, mode, 2.5)
+        ours = generation_flops(m, 3, s)
+        assert ours["body"] + ours["head"] == linear, f"{variant}/{flavour} {mode}: matmul FLOPs"
+        assert 0 < ours["attention"] <= dense_attention
+        if flavour == "llama" and (not m.ordering.capabilities.parallel or (variant == "arpg" and mode == "official")):
+            assert ours["attention"] == dense_attention  # no masked pair anywhere
+        total = linear + dense_attention
+        assert abs(total - ours["total"]) <= 0.02 * total
+
+
+@pytest.mark.parametrize("variant", ["randar", "arpg"])
+def test_generation_attention_flops_equal_executed_visible_pairs(variant, monkeypatch):
+    """Independent of the plan: every SDPA call of one generate call counts the True entries of the mask it gets
+    (or every key when it gets none) — the visible pairs the cache attends to — which must equal the count."""
+    from experiments.bench_sample import generation_flops
+
+    m = make_module(variant)
+    s = m.sample_settings(num_steps=5, cfg_scale=2.5, mode="consistent")
+    counted = [0]
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, attn_mask=None, is_causal=False, **kw):
+        B, H, Lq, hd = q.shape
+        pairs = B * Lq * k.shape[2] if attn_mask is None else int(attn_mask.expand(B, 1, Lq, k.shape[2]).sum())
+        counted[0] += 4 * H * hd * pairs
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", counting_sdpa)
+    generate(m, torch.tensor([0, 1, 2]), s, make_generator(0))
+    assert generation_flops(m, 3, s)["attention"] == counted[0]
+
+
+# ---------------------------------------------------------------------------------------------- GPU suite
+def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
+    """`make bench-gpu-dry`: the GPU suite's code on the CPU at toy sizes (two orderings here, to keep it short;
+    the pytest subprocess is stubbed: it is one fixed command line, and tests/test_gpu.py has its own run)."""
+    import experiments.bench_gpu as bench_gpu
+
+    calls = []
+    monkeypatch.setattr(bench_gpu, "gpu_tests", lambda timeout, dry: calls.append(dry) or
+                        {"rc": 0, "summary": "stub", "command": "pytest -m gpu", "seconds": 0.0, "dry_run": dry})
+    out = str(tmp_path / "gpu.json")
+    rc = bench_main(["all", "--suite", "gpu", "--dry-run", "--variants", "raster,arpg", "--threads", "1",
+                     "--out", out])
+    assert rc == 0 and calls == [True]
+    res = json.load(open(out))
+    assert res["machine"]["device"] == "cpu" and res["suite"]["dry_run"] and res["skipped"] == []
+    sample = res["sample"]["results"]
+    assert {(r["variant"], r["batch"]) for r in sample} == {(v, b) for v in ("raster", "arpg") for b in (1, 2)}
+    assert {r["steps"] for r in sample if r["variant"] == "arpg"} == {4, 2}  # headline_steps, scaled to 16
+    assert all(r["compile"] == "on" and r["precision"] == "bf16" and r["cfg"] == 4.0 for r in sample)
+    assert all(r["gflop"] > 0 and "mfu" in r and "peak_mem_mb" in r for r in sample)
+    train = res["train"]["results"]
+    assert {r["variant"] for r in train} == {"raster", "arpg"}
+    assert all(r["dtype"] == "bf16" and r["compile"] and "mfu" in r and "peak_mem_mb" in r for r in train)
+    md = open(str(tmp_path / "gpu.md")).read()
+    assert "## GPU tests" in md and "## Sampling" in md and "## Training step" in md
+
+
+def test_gpu_suite_names_a_missing_package_in_one_line(monkeypatch, capsys):
+    import experiments.bench_gpu as bench_gpu
+
+    assert bench_gpu.preflight() is None
+    line = bench_gpu.preflight(["json", "a_package_that_is_not_there_xyz"])
+    assert "a_package_that_is_not_there_xyz" in line and "\n" not in line
+    monkeypatch.setattr(bench_gpu, "SUITE_MODULES", ("sklearn_missing_for_test",))
+    monkeypatch.setattr(bench_gpu.preflight, "__defaults__", (("sklearn_missing_for_test",),))
+    assert bench_main(["all", "--suite", "gpu", "--dry-run", "--out", "unused.json"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

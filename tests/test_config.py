@@ -77,6 +77,7 @@ MALFORMED = [
     ("trainer.val_every_steps=0", "trainer.val_every_steps"), ("sample.temperature=0", "sample.temperature"),
     ("sample.top_p=0", "sample.top_p"), ("sample.top_p=1.5", "sample.top_p"), ("sample.mode=fast", "sample.mode"),
     ("sample.precision=fp16", "sample.precision"), ("sample.draw=gumbel", "sample.draw"),
+    ("sample.compile=static", "sample.compile"),
     ("sample.schedule=linear", "sample.schedule"), ("sample.cfg_schedule=cosine", "sample.cfg_schedule"),
     ("sample.cfg_scale=-1", "sample.cfg_scale"), ("callbacks.ema_decay=1.0", "callbacks.ema_decay"),
     ("callbacks.sample_classes=[12]", "callbacks.sample_classes"), ("eval.extractor=clip", "eval.extractor"),

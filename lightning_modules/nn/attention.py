@@ -6,6 +6,8 @@ because RandAR's decode overwrites the previous step's extra query slots (docs/m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,28 @@ class CacheSet:
             keys = torch.arange(length, device=rows.device)
             mask = (keys[None, :] <= rows[:, None])[None, None]  # [1, 1, L, Lk]: slot at row r sees rows <= r
         return mask, length
+
+
+@dataclass
+class StaticPrep:
+    """What ``CacheSet.prepare`` finds per forward, decided once from the decode plan (the fast decode path,
+    lightning_modules/fast_decode.py): every layer then attends over the *whole* cache, a static shape, and the
+    mask hides the rows the eager step would have cut off (rows at or past its visible length) or masked."""
+
+    mask: torch.Tensor  # bool [B|1, 1, L, Lmax]: self-attention over the whole cache
+    length: int  # Lmax, the cache's full length: the key count every layer sees
+    query_mask: torch.Tensor | None = None  # bool [B|1, 1, Q, Lmax]: the query stream's keys (cross layers)
+    prefix: bool = False  # rar_vit: this forward carries the learned cls prefix slot (row 0)
+
+
+def static_mask(rows: torch.Tensor, mask: torch.Tensor | None, total: int) -> torch.Tensor:
+    """bool [B|1, 1, L, total]: the keys ``CacheSet.prepare`` + ``KVCache.write`` leave visible, widened to the
+    whole cache. mask None = causal over rows (a slot at row r sees rows <= r); an explicit mask [.., L, Lk] covers
+    the visible length Lk = max(rows) + 1 and everything past it is hidden, as the truncation hides it."""
+    keys = torch.arange(total, device=rows.device)
+    if mask is None:
+        return (keys[None, :] <= rows[:, None])[None, None]
+    return F.pad(mask.to(rows.device).bool(), (0, total - mask.shape[-1]), value=False)
 
 
 def attend(q, k, v, mask, causal: bool, dropout_p: float = 0.0) -> torch.Tensor:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.nn.attention import CacheSet, CrossAttention, KVCache, SelfAttention
+from lightning_modules.nn.attention import (CacheSet, CrossAttention, KVCache, SelfAttention, StaticPrep,
+                                            static_mask)
 from lightning_modules.nn.rope import Rope2D, apply_rope
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, gather_slots
 
@@ -121,8 +122,9 @@ class LlamaBackbone(nn.Module):
         nn.init.zeros_(self.output.weight)
 
     # ------------------------------------------------------------------ embedding
-    def embed(self, seq: Seq, rope: torch.Tensor) -> torch.Tensor:
-        """Slots -> [B, L, D]: class rows, image codes, or RoPE-rotated position-instruction vectors."""
+    def embed(self, seq: Seq, rope: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Slots -> [B, L, D]: class rows, image codes, or RoPE-rotated position-instruction vectors. ``check``
+        False skips the slot-kind check (a host sync): the fast decode path ran it once per step at plan time."""
         kind = seq.kind[..., None]
         x = self.token_dropout(self.tok_embeddings(seq.ids.clamp(0, self.vocab_size - 1)))
         cls = self.cls_embedding(seq.labels)[:, None, :].expand_as(x)
@@ -134,7 +136,7 @@ class LlamaBackbone(nn.Module):
             p = self.pos_instruct.view(1, 1, self.n_head, -1).expand(B, L, -1, -1)
             p = apply_rope(p, rope).reshape(B, L, self.dim).to(x.dtype)
             x = torch.where(kind == SLOT_POSITION, p, x)
-        elif not torch.compiler.is_compiling() and bool((seq.kind == SLOT_POSITION).any()):
+        elif check and not torch.compiler.is_compiling() and bool((seq.kind == SLOT_POSITION).any()):
             raise ValueError("position-instruction slots need a backbone built with position_tokens=True")
         if self.target_embed is not None and seq.target is not None:
             ta = self.target_embed(seq.target.clamp(min=0)) * (seq.target >= 0)[..., None]
@@ -149,12 +151,29 @@ class LlamaBackbone(nn.Module):
         shared = KVCache(batch, self.n_head, max_len, hd, device, dtype) if self.cross is not None else None
         return CacheSet(caches, shared)
 
-    def forward(self, seq: Seq, cache: CacheSet | None = None) -> torch.Tensor:
-        """Logits float32 [B, M, V] at ``seq.out`` (slots, or queries when the backbone has cross layers)."""
+    def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
+        """The fast decode path's per-step decisions (at plan time, host syncs allowed): the slot-kind check, and
+        self / query masks over the whole cache (attention.static_mask)."""
+        if self.pos_instruct is None and bool((seq.kind == SLOT_POSITION).any()):
+            raise ValueError("position-instruction slots need a backbone built with position_tokens=True")
+        total = cache.layers[0].k.shape[2]
+        qmask = None
+        if self.cross is not None:  # queries see the written content rows < max(rows) + 1, or their own mask
+            length = int(seq.rows.max()) + 1
+            qmask = seq.query_mask if seq.query_mask is not None else torch.ones(
+                1, 1, seq.query_pos.shape[1], length, dtype=torch.bool, device=seq.rows.device)
+            qmask = static_mask(seq.rows, qmask, total)
+        return StaticPrep(static_mask(seq.rows, seq.mask, total), total, qmask)
+
+    def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
+        """Logits float32 [B, M, V] at ``seq.out`` (slots, or queries when the backbone has cross layers).
+        ``prepared`` (with a cache): the fast decode path's whole-cache masks instead of ``cache.prepare``."""
         rope = self.rope(seq.pos)
-        x = self.embed(seq, rope)
-        mask, length = seq.mask, None
-        if cache is not None:  # visible length and mask once per forward, shared by every layer
+        x = self.embed(seq, rope, check=prepared is None)
+        mask, length, qmask = seq.mask, None, seq.query_mask
+        if prepared is not None:  # static shapes: every layer attends over the whole cache, no host sync
+            mask, length, qmask = prepared.mask, prepared.length, prepared.query_mask
+        elif cache is not None:  # visible length and mask once per forward, shared by every layer
             mask, length = cache.prepare(seq.rows, seq.mask)
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -163,11 +182,12 @@ class LlamaBackbone(nn.Module):
             else:
                 x = layer(x, rope, mask, seq.rows, layer_cache, length)
         if self.cross is not None:
-            x = self.cross_decode(x, rope, seq, cache, length)
+            x = self.cross_decode(x, rope, seq, cache, length, qmask)
         x = gather_slots(x, seq.out)
         return self.output(self.norm(x)).float()
 
-    def cross_decode(self, x, rope, seq: Seq, cache: CacheSet | None, length: int | None = None) -> torch.Tensor:
+    def cross_decode(self, x, rope, seq: Seq, cache: CacheSet | None, length: int | None = None,
+                     query_mask: torch.Tensor | None = None) -> torch.Tensor:
         """ARPG pass 2: shared K/V from the content stream, then queries through the cross layers -> [B, Q, D]."""
         B, L, _ = x.shape
         k, v = self.to_kv(self.kv_norm(x)).view(B, L, 2, self.n_head, -1).unbind(2)
@@ -179,7 +199,7 @@ class LlamaBackbone(nn.Module):
         q = self.query_token.to(x.dtype).expand(B, seq.query_pos.shape[1], -1)
         for blk in self.cross:
             if self.grad_checkpointing and self.training:
-                q = checkpoint(blk, q, qrope, k, v, seq.query_mask, use_reentrant=False)
+                q = checkpoint(blk, q, qrope, k, v, query_mask, use_reentrant=False)
             else:
-                q = blk(q, qrope, k, v, seq.query_mask)
+                q = blk(q, qrope, k, v, query_mask)
         return q

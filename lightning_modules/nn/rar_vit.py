@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention
+from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention, StaticPrep, static_mask
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq, gather_slots
 
 
@@ -108,9 +108,28 @@ class RARViTBackbone(nn.Module):
         hd = self.dim // self.n_head
         return CacheSet([KVCache(batch, self.n_head, max_len + 1, hd, device, dtype) for _ in self.blocks])
 
-    def forward(self, seq: Seq, cache: CacheSet | None = None) -> torch.Tensor:
+    def check(self, seq: Seq) -> None:
         if seq.query_pos is not None or seq.mask is not None or bool((seq.kind > SLOT_IMAGE).any()):
             raise ValueError("the rar_vit flavour supports causal class and image slots only (orderings raster, rar)")
+
+    @staticmethod
+    def internal_rows(seq: Seq) -> tuple[torch.Tensor, bool]:
+        """(internal slot rows [L'], prefix?): rows + 1, with the cls prefix's row 0 first when row 0 is fed."""
+        rows = seq.rows + 1  # the cls prefix owns row 0
+        prefix = bool((seq.rows == 0).any())
+        return (torch.cat([rows.new_zeros(1), rows]) if prefix else rows), prefix
+
+    def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
+        """The fast decode path's per-step decisions at plan time: the check, the prefix, the whole-cache mask."""
+        self.check(seq)
+        rows, prefix = self.internal_rows(seq)
+        return StaticPrep(static_mask(rows, None, cache.layers[0].k.shape[2]), cache.layers[0].k.shape[2],
+                          prefix=prefix)
+
+    def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
+        """Logits float32 [B, M, V] at ``seq.out``; ``prepared``: the fast decode path's static masks (no sync)."""
+        if prepared is None and not torch.compiler.is_compiling():  # a host sync: no graph break under compile
+            self.check(seq)
         B, L = seq.kind.shape
         cls_ids = self.class_ids(seq.labels)[:, None].expand(B, L)
         ids = torch.where(seq.kind == SLOT_CLASS, cls_ids, seq.ids)
@@ -120,13 +139,18 @@ class RARViTBackbone(nn.Module):
         if self.target_aware and seq.target is not None:
             ta = self.target_aware_pos_embed[0, (seq.target + 2).clamp(min=2)] * (seq.target >= 0)[..., None]
             x = x + ta
-        rows = seq.rows + 1  # internal slot index: the cls prefix owns row 0
-        if bool((seq.rows == 0).any()):  # the prefill carries the class slot: prepend the learned cls token
+        if prepared is not None:
+            prefix = prepared.prefix
+            rows = torch.cat([seq.rows.new_zeros(1), seq.rows + 1]) if prefix else seq.rows + 1
+        else:
+            rows, prefix = self.internal_rows(seq)  # internal slot index: the cls prefix owns row 0
+        if prefix:  # the prefill carries the class slot: prepend the learned cls token
             x = torch.cat([self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1], x], dim=1)
-            rows = torch.cat([rows.new_zeros(1), rows])
         c = self.embeddings(self.class_ids(seq.labels))[:, None] + self.timesteps_embeddings[0, rows][None]
         mask, length = None, None
-        if cache is not None:  # visible length and causal row mask once per forward, not once per block
+        if prepared is not None:  # static shapes: the whole cache, masked; no host sync
+            mask, length = prepared.mask, prepared.length
+        elif cache is not None:  # visible length and causal row mask once per forward, not once per block
             mask, length = cache.prepare(rows, None)
         for i, blk in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None

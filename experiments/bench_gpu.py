@@ -1,0 +1,140 @@
+"""The GPU suite (`make bench-gpu`): everything a lent GPU should measure, inside one time budget (< 10 minutes).
+
+    python -m experiments.bench all --device cuda --suite gpu --out runs/bench/gpu.json
+    python -m experiments.bench all --suite gpu --dry-run --out runs/bench/gpu_dry.json     # any CPU machine
+
+Each unit starts only while the budget (``--budget-s``, default 540 s; unlimited in a dry run) is expected to hold
+it (the longest unit of its kind so far), the rest are listed under ``skipped``; every ordering gets one kind of
+figure before any gets the next (batch-1 sampling, training at B, batch-64 sampling, training at L):
+  1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py), their summary line and exit status;
+  2. sampling images/s per ordering at the papers' step counts (``Ordering.headline_steps``), batch 1 and 64,
+     CFG 4, bf16 weights (the official samplers' precision), the fast decode path (sample.compile=on: CUDA graphs),
+     with model FLOPs, MFU and peak memory;
+  3. the training step per ordering at size B, bf16-mixed (autocast), flash SDPA where the mask allows, the
+     backbone under torch.compile (trainer.compile), with MFU and peak memory; 4. the same at size L.
+``--dry-run`` runs the same code on the CPU at toy sizes (debug model, 4x4 grid, batch 1 and 2, one repeat), with
+torch.compile's dynamo capture but the "eager" backend (no code generation: minutes saved, same graph capture).
+The GPU image carries its own torch and may lack some of roar's packages: ``preflight`` names the first missing
+one in one line before anything runs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+# import name -> pip name, for the one-line message about a missing package
+PIP_NAMES = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "torch_fidelity": "torch-fidelity"}
+SUITE_MODULES = ("pytest", "experiments.build", "experiments.bench_train", "experiments.bench_sample",
+                 "experiments.bench_data", "lightning_modules.fast_decode")
+
+
+def preflight(modules=SUITE_MODULES) -> str | None:
+    """None when every module the suite runs imports; else one line naming the missing package."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            top = (err.name or "?").split(".")[0]
+            pip = PIP_NAMES.get(top, top)
+            return (f"bench-gpu: package {pip!r} is missing (importing {name} needs `{top}`): "
+                    f"pip install {pip}")
+    return None
+
+
+class Budget:
+    """Seconds left for the suite, and a per-kind estimate of a unit's length (the longest seen so far)."""
+
+    def __init__(self, seconds: float):
+        self.start, self.seconds, self.longest = time.perf_counter(), seconds, {}
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def allows(self, kind: str, default: float) -> bool:
+        return self.left() >= self.longest.get(kind, default)
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
+
+
+def gpu_tests(timeout: float, dry_run: bool) -> dict:
+    """`pytest -m gpu` in a subprocess (on a CPU machine every test skips: the same invocation, nothing to run)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=max(timeout, 1))
+        lines = [x for x in p.stdout.strip().splitlines() if x.strip()]
+        out = {"rc": p.returncode, "summary": lines[-1] if lines else p.stderr.strip()[-300:]}
+    except subprocess.TimeoutExpired:
+        out = {"rc": None, "summary": f"timed out after {timeout:.0f} s"}
+    out.update(command=" ".join(cmd[2:]), seconds=round(time.perf_counter() - t, 1), dry_run=dry_run)
+    return out
+
+
+def run_suite(a, results: dict) -> dict:
+    """Fill ``results`` (train / sample / gpu_tests / skipped); ``a`` is bench.parse_args' namespace."""
+    import torch
+
+    import lightning_modules.fast_decode as fast_decode
+    from experiments.bench import matmul_peak, runnable_variants
+    from experiments.bench_sample import add_speedups, bench_sample, targets
+    from experiments.bench_train import bench_train
+
+    dry = a.dry_run
+    budget = Budget(a.budget_s if a.budget_s else (float("inf") if dry else 540.0))  # a dry run skips nothing
+    device = "cpu" if dry else a.device
+    variants = [v for v in a.variants.split(",") if v] or runnable_variants(a.flavour)
+    sizes = ["debug"] if dry else ["B", "L"]
+    batches = [1, 2] if dry else [1, 64]
+    grid, vocab = (4, 32) if dry else (a.grid, a.vocab)
+    repeat, warmup = (1, 1) if dry else (a.repeat, a.warmup)
+    peak_sizes = (64,) if dry else (1024, 2048, 4096, 8192)
+    results["suite"] = {"name": "gpu", "dry_run": dry, "budget_s": a.budget_s,
+                        "flash_sdp_enabled": bool(torch.backends.cuda.flash_sdp_enabled())}
+    results["skipped"] = []
+    results["peak_before"] = matmul_peak(device, ("fp32", "bf16"), peak_sizes)
+    results["gpu_tests"] = gpu_tests(min(240.0, budget.left() / 3), dry)
+    backend, fast_decode.BACKEND = fast_decode.BACKEND, "eager" if dry else fast_decode.BACKEND
+    sample_rows, train_rows = [], []
+
+    def sample(v, batch):
+        s = bench_sample([v], [sizes[0]], flavour=a.flavour, batches=[batch], repeat=repeat, warmup=warmup,
+                         device=device, grid=grid, vocab=vocab, no_sweep=True, nocache="off", draws=["multinomial"],
+                         precisions=["bf16"], compiles=["on"], cfgs=[4.0], memory=True)
+        sample_rows.extend(s["results"])
+
+    def train(v, size):
+        r = bench_train([v], [size], flavour=a.flavour, batch=batches[-1], repeat=repeat, warmup=max(warmup, 1),
+                        device=device, dtype="bf16", grid=grid, vocab=vocab, compile=True,
+                        compile_backend="eager" if dry else "inductor")
+        train_rows.extend(r["results"])
+        results["train"] = {**r, "results": train_rows}
+
+    # every ordering gets each kind of figure before any gets the next: batch-1 sampling, training at B, batch-64
+    # sampling, training at L; a unit starts only while the budget holds the longest of its kind so far
+    units = [(f"sample batch {batches[0]}", 30.0, sample, (v, batches[0])) for v in variants]
+    units += [(f"train {sizes[0]}", 60.0, train, (v, sizes[0])) for v in variants]
+    units += [(f"sample batch {batches[1]}", 30.0, sample, (v, batches[1])) for v in variants]
+    units += [(f"train {sizes[-1]}", 90.0, train, (v, sizes[-1])) for v in variants if len(sizes) > 1]
+    try:
+        for kind, default, fn, args in units:
+            if not budget.allows(kind, default):
+                results["skipped"].append(f"{kind} {args[0]} (budget)")
+                continue
+            t = time.perf_counter()
+            fn(*args)
+            budget.record(kind, time.perf_counter() - t)
+    finally:
+        fast_decode.BACKEND = backend
+    add_speedups(sample_rows, grid * grid)
+    results["sample"] = {"results": sample_rows, "targets": targets(sample_rows, grid * grid),
+                         "note": "GPU suite: headline steps, CFG 4, bf16 weights, sample.compile=on (fast decode "
+                                 "path; CUDA graphs on a GPU), multinomial draw; gflop = model FLOPs of one "
+                                 "generation; peak_mem_mb = peak memory of one generate call"}
+    results["peak_after"] = matmul_peak(device, ("fp32", "bf16"), peak_sizes)
+    results["suite"]["seconds"] = round(time.perf_counter() - budget.start, 1)
+    return results

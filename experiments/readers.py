@@ -59,10 +59,10 @@ SAMPLING_CALLBACK = When(lambda c: GRID_OR_MAP.reads(c) or FID.reads(c),
                          "a sample grid, an order map or FID is on", lambda c: "none is")
 
 
-def _fid_extractor(kind: str) -> When:
-    return When(lambda c: FID.reads(c) and c.eval.extractor == kind, f"eval.fid_num_samples > 0 and "
-                f"eval.extractor={kind}", lambda c: f"eval.fid_num_samples={c.eval.fid_num_samples}, "
-                                                   f"eval.extractor={c.eval.extractor}")
+def _fid_extractor(*kinds: str) -> When:
+    return When(lambda c: FID.reads(c) and c.eval.extractor in kinds, f"eval.fid_num_samples > 0 and "
+                f"eval.extractor={'|'.join(kinds)}", lambda c: f"eval.fid_num_samples={c.eval.fid_num_samples}, "
+                                                             f"eval.extractor={c.eval.extractor}")
 
 
 READERS: dict[str, str | When | None] = {
@@ -94,7 +94,7 @@ READERS: dict[str, str | When | None] = {
     "callbacks.sample_classes": GRID_OR_MAP, "callbacks.sample_per_class": GRID,
     "callbacks.sample_seed": SAMPLING_CALLBACK,
     "eval.fid_num_samples": ALWAYS, "eval.fid_every_steps": FID, "eval.extractor": FID, "eval.reference": FID,
-    "eval.extractor_weights": _fid_extractor("digits"), "eval.inception_weights": _fid_extractor("inception"),
+    "eval.extractor_weights": _fid_extractor("digits", "shards"), "eval.inception_weights": _fid_extractor("inception"),
 }
 
 

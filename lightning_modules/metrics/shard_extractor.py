@@ -44,9 +44,9 @@ def shard_domain(pattern: str) -> dict:
 
 
 class ShardCNN(FeatureExtractor):
-    """RGB [R, R] -> stride-2 conv stages down to 4x4 -> F-d feature (pre-ReLU: no dead dimensions) -> K logits."""
+    """RGB [R, R] -> stride-2 convs down to 4x4 -> F-d feature (pre-ReLU: no dead dimensions) -> K logits."""
 
-    def __init__(self, image_size: int, num_classes: int, width: int = 32, num_features: int = 64,
+    def __init__(self, image_size: int, num_classes: int, width: int = 16, num_features: int = 64,
                  domain: dict | None = None):
         super().__init__()
         if image_size < 8:
@@ -55,9 +55,10 @@ class ShardCNN(FeatureExtractor):
                        "num_features": num_features}
         self.image_size, self.num_features, self.num_classes = image_size, num_features, num_classes
         self.domain = dict(domain or {}, kind="shards", image_size=image_size)
-        layers, ch, size = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()], width, image_size
-        while size > 4:  # halve to 4x4 (or below, for sizes that are not powers of two)
-            out = min(ch * 2, 8 * width)
+        # every conv halves (the first one too: a few MFLOPs per 64 px image, so it trains in seconds on a CPU)
+        layers, ch, size = [nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU()], width, (image_size + 1) // 2
+        while size > 4:  # down to 4x4 (or below, for sizes that are not powers of two)
+            out = min(ch * 2, 4 * width)
             layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.ReLU()]
             ch, size = out, (size + 1) // 2
         self.conv = nn.Sequential(*layers)
@@ -83,10 +84,14 @@ class ShardCNN(FeatureExtractor):
         return self._forward_float(self.preprocess(images))
 
 
-def shard_images(pattern: str, image_size: int, max_images: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_images(pattern: str, image_size: int, max_images: int = 0, crop: str = "adm") -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
     """(uint8 [N, 3, S, S], int64 [N]) of the shards in file order, ADM centre crop at ``image_size`` (what the
-    pretokenizer encodes and the shard reference of experiments.evaluate reads); corrupt samples skipped, counted."""
+    pretokenizer encodes and the shard reference of experiments.evaluate reads; ``crop="none"``: a plain square
+    resize, as the image DataModule's center_crop=none); corrupt samples skipped and counted."""
     from PIL import Image
+
+    from datamodules.transforms import resize_square, to_rgb
 
     from datamodules.shards import iter_tar_samples
     from datamodules.wds_utils import check_shards_exist, expand_shards
@@ -100,7 +105,9 @@ def shard_images(pattern: str, image_size: int, max_images: int = 0) -> tuple[to
             data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             try:
                 label = int(sample["cls"].decode("ascii").strip())
-                images.append(center_crop_arr(Image.open(io.BytesIO(data)), image_size))
+                pil = Image.open(io.BytesIO(data))
+                images.append(center_crop_arr(pil, image_size) if crop == "adm"
+                              else np.asarray(resize_square(to_rgb(pil), image_size)))
                 labels.append(label)
             except Exception as exn:  # noqa: BLE001 - a broken sample is skipped and counted, not fatal
                 skipped.append(f"{url}:{sample.get('__key__')}: {type(exn).__name__}")
@@ -135,7 +142,7 @@ def _accuracy(model: ShardCNN, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train_shard_extractor(shards: str, image_size: int, val_shards: str = "", seed: int = 0, epochs: int = 30,
-                          batch_size: int = 64, lr: float = 2e-3, width: int = 32, num_features: int = 64,
+                          batch_size: int = 64, lr: float = 2e-3, width: int = 16, num_features: int = 64,
                           max_images: int = 0, log=None) -> tuple[ShardCNN, dict]:
     """Train the shard CNN to classify ``shards`` (bit-identical for the same seed: one thread, deterministic ops)."""
     domain = shard_domain(shards)

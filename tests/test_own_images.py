@@ -107,7 +107,7 @@ def test_readme_own_images_walk(tmp_path):
     # acceptance 1: the photo VQ beats a digits VQ of the same budget on the photos' val images (PSNR and rFID)
     steps = re.search(r"train\.max_steps=(\d+)", " ".join(logs)).group(1)
     run(f"python -m experiments.train_tokenizer -c experiments/configs/tokenizer/digits_vq.yaml --out runs/digits_vq "
-        f"--max-steps {steps} --batch-size 16", tmp_path, timings)
+        f"--max-steps {steps} --batch-size 8", tmp_path, timings)
     scores = {}
     for name in ("photo_vq", "digits_vq"):
         run(f"python -m experiments.eval_tokenizer --tokenizer-kind llamagen_vq --tokenizer-path "
@@ -170,3 +170,24 @@ def test_pretokenize_sbatch_two_tasks(tmp_path):
         manifest = load(tmp_path / "codes" / split / "manifest.json")
         assert manifest["world_size"] == 2 and manifest["num_samples"] == count, text[-3000:]
         assert {s.split("-")[1] for s in manifest["shards"]} == {"r0", "r1"}  # both ranks wrote codes
+
+
+def test_vq16_256_preset_smoke(tmp_path):
+    """The LlamaGen VQ-16 layout at 256 px (72M parameters) trains through the same CLI; a CPU can only smoke-test it:
+    one step of batch 1 (a real run is a GPU job of ~400k steps: experiments/configs/tokenizer/vq16_256.yaml)."""
+    from PIL import Image
+
+    from datamodules.shards import write_image_folder_shards
+    from photo_helpers import PHOTOS, photo_array
+
+    for split in ("train", "val"):
+        for name in PHOTOS[:2]:
+            os.makedirs(tmp_path / "photos" / split / name)
+            Image.fromarray(photo_array(name, 256)[:256, :256]).save(tmp_path / "photos" / split / name / "0.jpg")
+        write_image_folder_shards(str(tmp_path / "photos" / split), str(tmp_path / "shards"), split)
+    run("python -m experiments.train_tokenizer -c experiments/configs/tokenizer/vq16_256.yaml --out runs/vq16 "
+        "--max-steps 1 --batch-size 1 --set data.train_shards='shards/train-*.tar' "
+        "--set data.val_shards='shards/val-*.tar' --set data.num_workers=0 --set data.val_count=2 "
+        "--set train.val_every_steps=0 --set train.extractor=none --set train.accelerator=cpu", tmp_path)
+    m = load(tmp_path / "runs" / "vq16" / "metrics.json")
+    assert m["grid"] == [16, 16] and m["vocab_size"] == 16384 and m["val_rfid"] is None and m["rfid_images"] == 2

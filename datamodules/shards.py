@@ -2,9 +2,13 @@
 that reports corrupt tars instead of raising) and the ImageFolder → shards CLI.
 
     python -m datamodules.shards --src /data/imagenet/train --out /data/imagenet-wds --split train --workers 16
-    python -m datamodules.shards --src /data/imagenet/val   --out /data/imagenet-wds --split val   --workers 16
+    python -m datamodules.shards --src /data/imagenet/val   --out /data/imagenet-wds --split val   --workers 16 \
+        --labels LOC_val_solution.csv      # a flat folder (ImageNet val): labels from a file (flat_labels.py)
 
-Input: an ImageFolder tree (one folder per class, e.g. ImageNet synsets; class index = sorted folder order).
+Input: an ImageFolder tree (one folder per class, e.g. ImageNet synsets; class index = sorted folder order), or
+a flat folder of images with ``--labels`` (formats in datamodules/flat_labels.py: ``NAME SYNSET|INDEX`` lines, or
+the ILSVRC2012 devkit ground truth with ``--devkit-meta meta.mat``), whose synsets are mapped through the
+classes.json the train split wrote into --out (or ``--classes``).
 Output in --out: ``{split}-000000.tar ...`` with samples ``{key}.jpg`` (the original bytes when the file is
 already a JPEG, else re-encoded at quality 95) and ``{key}.cls`` (ASCII class index); ``classes.json``
 (synset -> index, shared by all splits) and ``{split}-manifest.json`` (sample count per shard).
@@ -130,7 +134,7 @@ def list_image_folder(src: str) -> tuple[list[str], list[tuple[str, int]]]:
         raise FileNotFoundError(f"--src: not a folder: {src}")
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"--src: no class folders in {src}")
+        raise ValueError(f"--src: no class folders in {src} (a flat folder, e.g. ImageNet val, needs --labels)")
     files = []
     for idx, cls in enumerate(classes):
         names = sorted(e.name for e in os.scandir(os.path.join(src, cls))
@@ -141,11 +145,29 @@ def list_image_folder(src: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
+def list_flat_folder(src: str, labels_path: str, class_map: dict | None, devkit_meta: str = "",
+                     where: str = "classes.json") -> tuple[list[str], list[tuple[str, int]]]:
+    """A flat folder (ImageNet val) + a label file -> (class names, [(file name, class index)] sorted by name)."""
+    from datamodules.flat_labels import read_labels, to_indices
+
+    names = sorted(e.name for e in os.scandir(src)
+                   if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+    if not names:
+        raise ValueError(f"--src: no image files ({', '.join(sorted(IMAGE_EXTS))}) in {src}")
+    labels = read_labels(labels_path, names, devkit_meta)
+    if class_map is None and all(isinstance(v, str) for v in labels.values()):
+        class_map = {c: i for i, c in enumerate(sorted(set(labels.values())))}  # no train split yet: its synsets
+        where = f"the synsets of {labels_path}"
+    index = to_indices(labels, class_map, where)
+    return sorted(class_map, key=class_map.get), [(n, index[n]) for n in names]
+
+
 def sample_key(rel: str) -> str:
-    """Tar-safe unique key: ImageNet names already start with the synset (n01440764_10026.JPEG)."""
-    cls, name = rel.split("/")
+    """Tar-safe unique key: ImageNet names already start with the synset (n01440764_10026.JPEG); a flat folder's
+    files (ILSVRC2012_val_00000001.JPEG) are unique by name."""
+    cls, _, name = rel.rpartition("/")
     stem = os.path.splitext(name)[0].replace(".", "_")
-    return stem if stem.startswith(cls) else f"{cls}_{stem}"
+    return stem if not cls or stem.startswith(cls) else f"{cls}_{stem}"
 
 
 def plan_shards(src: str, files: list[tuple[str, int]], max_count: int, max_size: int) -> list[list[tuple]]:
@@ -228,22 +250,40 @@ def write_shard_range(src: str, out: str, split: str, first: int, shards: list[l
     return results
 
 
+def _read_class_map(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return {str(k): int(v) for k, v in json.load(f).items()}
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a classes.json (synset -> index): {err}") from None
+
+
 def write_image_folder_shards(src: str, out: str, split: str = "train", max_count: int = 1000,
-                              max_size: float = 1e9, workers: int = 1) -> dict:
-    """ImageFolder tree -> shards + classes.json + {split}-manifest.json; returns the manifest."""
+                              max_size: float = 1e9, workers: int = 1, labels: str = "", devkit_meta: str = "",
+                              classes_file: str = "") -> dict:
+    """ImageFolder tree (or flat folder + ``labels``) -> shards + classes.json + {split}-manifest.json."""
     if max_count < 1 or max_size < 1 or workers < 1:
         raise ValueError("--max-count, --max-size and --workers must be >= 1")
     if not split or any(c in split for c in "-/. "):
         raise ValueError(f"--split: {split!r} must not contain '-', '/', '.' or spaces (it prefixes shard names)")
-    classes, files = list_image_folder(src)
+    classes_path = os.path.join(out, "classes.json")
+    if classes_file and not os.path.isfile(classes_file):
+        raise FileNotFoundError(f"--classes: file not found: {classes_file}")
+    if labels:
+        known = classes_file or classes_path
+        classes, files = list_flat_folder(src, labels, _read_class_map(known), devkit_meta, known)
+    else:
+        if devkit_meta or classes_file:
+            raise ValueError("--devkit-meta and --classes only apply to a flat folder with --labels")
+        classes, files = list_image_folder(src)
     os.makedirs(out, exist_ok=True)
     class_map = {c: i for i, c in enumerate(classes)}
-    classes_path = os.path.join(out, "classes.json")
-    if os.path.exists(classes_path):
-        with open(classes_path) as f:
-            old = json.load(f)
+    old = _read_class_map(classes_path)
+    if old is not None:
         if old != class_map:
-            raise ValueError(f"{classes_path}: class folders of {src} differ from the ones already written there")
+            raise ValueError(f"{classes_path}: classes of {src} differ from the ones already written there")
     else:
         with open(classes_path, "w") as f:
             json.dump(class_map, f, indent=0)
@@ -285,9 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard at most (estimated)")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--labels", default="", help="a flat folder's label file (formats: datamodules/flat_labels.py)")
+    p.add_argument("--devkit-meta", default="", help="ILSVRC2012 devkit data/meta.mat (ground-truth IDs -> synsets)")
+    p.add_argument("--classes", default="", help="classes.json to map synsets (default: the one in --out)")
     a = p.parse_args(argv)
     try:
-        write_image_folder_shards(a.src, a.out, a.split, a.max_count, a.max_size, a.workers)
+        write_image_folder_shards(a.src, a.out, a.split, a.max_count, a.max_size, a.workers, a.labels,
+                                  a.devkit_meta, a.classes)
     except (OSError, ValueError) as exn:
         print(f"shards: error: {exn}", file=sys.stderr)
         return 2

@@ -50,11 +50,13 @@ def build_datamodule(cfg: DictConfig, micro_batch: int):
 
         from tokenizers.registry import build_tokenizer
 
-        train = d.train_shards or os.path.join(d.code_dir, "codes-*.tar")
+        from experiments.data_defaults import code_shards
+
+        train, val = code_shards(cfg)  # data.code_dir's train/ and val/ parts (or data.*_shards)
         tok = build_tokenizer(**tokenizer_spec(cfg)["build"])
         # A codes-only tokenizer knows the real tokenizer only through `tokenizer.options.source`.
         expected = tok.source or None if cfg.tokenizer.kind == "codes" else tok.fingerprint
-        dm = CodeShardDataModule(train, d.val_shards or None, **common, expected_fingerprint=expected)
+        dm = CodeShardDataModule(train, val, **common, expected_fingerprint=expected)
         return dm, dm.grid
     from datamodules.images import ImageShardDataModule
     from tokenizers.registry import build_tokenizer

@@ -28,7 +28,7 @@ CenterCrop = Literal["adm", "none"]
 Accelerator = Literal["auto", "cpu", "gpu", "cuda"]
 Strategy = Literal["auto", "ddp", "ddp_spawn", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
 Precision = Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"]
-Extractor = Literal["digits", "inception"]
+Extractor = Literal["digits", "inception", "shards"]
 
 
 class ConfigError(ValueError):
@@ -100,8 +100,8 @@ class CallbacksConfig:
 class EvalConfig:
     fid_every_steps: int = 0  # 0 = only at the end when fid_num_samples > 0
     fid_num_samples: int = 0  # 0 = no FID
-    extractor: Extractor = "digits"
-    extractor_weights: str = ""
+    extractor: Extractor = "digits"  # digits | inception | shards (a CNN trained on your shards: experiments.train_extractor)
+    extractor_weights: str = ""  # digits / shards extractor file
     inception_weights: str = ""
     reference: str = ""  # ADM .npz, or empty = computed from the val shards and cached
 
@@ -161,8 +161,10 @@ def _preset_path(path: str) -> str:
 
 
 def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictConfig:
-    """Defaults <- each YAML in order <- dotlist overrides; then ``validate``. Raises ConfigError."""
+    """Defaults <- each YAML in order <- dotlist overrides; then the data's defaults (experiments/data_defaults.py:
+    model.num_classes from the shards' classes unless set) and ``validate``. Raises ConfigError."""
     cfg = OmegaConf.structured(ExperimentConfig)
+    num_classes_set = any(item.partition("=")[0] == "model.num_classes" for item in overrides)
     for path in yaml_files:
         try:
             layer = OmegaConf.load(_preset_path(path))
@@ -170,6 +172,8 @@ def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictCo
             raise ConfigError("-c", f"config file not found: {path}") from None
         except Exception as err:  # YAML syntax
             raise ConfigError("-c", f"cannot parse {path}: {str(err).splitlines()[0]}") from None
+        num_classes_set |= (isinstance(layer, DictConfig)
+                            and OmegaConf.select(layer, "model.num_classes", default=None) is not None)
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
@@ -186,8 +190,10 @@ def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictCo
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _omegaconf_error(err, "command line") from None
+    from experiments.data_defaults import apply_data_defaults
     from experiments.validate import validate
 
+    apply_data_defaults(cfg, num_classes_set)
     validate(cfg)
     return cfg
 

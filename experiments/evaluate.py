@@ -11,8 +11,15 @@ pattern (stats computed at the samples' resolution once, then cached in --cache-
     # embedded digits (extractor from `python -m experiments.train_extractor`)
     python -m experiments.evaluate --samples runs/digits/samples.npz --ref digits --extractor digits \
         --out runs/digits/metrics.json
+    # your own images: an extractor trained on your shards (experiments.train_extractor --shards), val shards as ref
+    python -m experiments.evaluate --samples S.npz --ref 'shards/val-*.tar' --extractor shards \
+        --extractor-weights runs/extractors/photos.safetensors --out metrics.json
 
-Numbers from a non-ADM extractor or reference are not comparable with papers: the JSON records both.
+The Inception file is torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` (README: "Weights and
+reference files"); the ADM reference batch ``VIRTUAL_imagenet256_labeled.npz`` is from guided-diffusion's evaluation
+suite. An extractor trained on another domain or resolution than the samples or the reference is refused (one line:
+e.g. the digits CNN on 64 px photos). Numbers from a non-ADM extractor or reference are not comparable with papers:
+the JSON records both.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ from lightning_modules.metrics.scores import IS_SPLITS, PR_K, fid_from_stats, pr
 
 from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS  # noqa: E402
 
-DEFAULT_WEIGHTS = {"digits": DEFAULT_DIGITS_WEIGHTS, "inception": ""}
+DEFAULT_WEIGHTS = {"digits": DEFAULT_DIGITS_WEIGHTS, "inception": "", "shards": ""}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref", required=True, help="reference .npz, 'digits[:train|val]', or a shard pattern")
     p.add_argument("--extractor", choices=KINDS, default="inception")
     p.add_argument("--extractor-weights", default=None,
-                   help="local weights file (inception: eval.inception_weights; digits: default "
-                        f"{DEFAULT_WEIGHTS['digits']})")
+                   help="local weights file (inception: eval.inception_weights, torch-fidelity's "
+                        "weights-inception-2015-12-05-6726825d.pth; shards: experiments.train_extractor --shards; "
+                        f"digits: default {DEFAULT_WEIGHTS['digits']})")
     p.add_argument("--out", default="", help="metrics.json to write (optional)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,6 +84,11 @@ def evaluate(samples: str, ref: str, extractor_kind: str = "inception", extracto
         ensure_digits_extractor(weights)  # the default one is trained (deterministic, seconds) when missing
     extractor = load_extractor(extractor_kind, weights, device)     # fails before any heavy work
     count, shape, batches = open_samples(samples)
+    from lightning_modules.metrics.shard_extractor import check_domain
+
+    if int(shape[0]) != int(shape[1]):
+        raise ValueError(f"--samples: {samples} holds {shape[0]}x{shape[1]} images; square images are expected")
+    check_domain(extractor, int(shape[0]), ref, next(iter(batches(16))))  # an extractor that fits the data, or none
     reference = resolve_reference(ref, extractor, image_size=ref_image_size or int(shape[0]), count=ref_count,
                                   cache_dir=cache_dir or None, batch_size=batch_size, need_features=pr)
     stats, feats = extract_stats(extractor, batches(batch_size), total=count, keep_features=count if pr else 0,

@@ -27,11 +27,28 @@ def fid_callback(cfg: DictConfig, run_dir: str):
     if e.extractor == "digits":
         path = e.extractor_weights or ensure_digits_extractor()
         ref = e.reference or "digits:val"
+    elif e.extractor == "shards":  # trained on the run's own shards (experiments.train_extractor --shards)
+        path = e.extractor_weights
+        ref = e.reference or (cfg.data.val_shards if cfg.data.kind == "images" else "")
+        if not ref:
+            raise ValueError("eval.reference: give the val image shards (a pattern) or a reference .npz: code shards "
+                             "hold no images to compare with")
     else:
         path = e.inception_weights
         ref = e.reference or cfg.data.val_shards
         if not ref:
             raise ValueError("eval.reference: give an ADM reference .npz or data.val_shards to compute one")
+    if e.extractor != "inception":  # the domain check now, as a config error, not at the first FID of a run
+        from experiments.config import ConfigError
+        from lightning_modules.metrics.extractors import load_extractor
+        from lightning_modules.metrics.shard_extractor import check_domain
+
+        try:
+            check_domain(load_extractor(e.extractor, path), cfg.data.image_size, ref)
+        except (ValueError, FileNotFoundError) as err:
+            key, _, message = str(err).partition(": ")
+            raise ConfigError(key if key.startswith("eval.") else "eval.extractor_weights",
+                              message if key.startswith("eval.") else str(err)) from None
     return FIDCallback(every_n_steps=e.fid_every_steps, num_samples=e.fid_num_samples,
                        num_classes=cfg.model.num_classes, extractor_kind=e.extractor, extractor_path=path, ref=ref,
                        seed=cfg.callbacks.sample_seed, batch_size=min(BATCH, e.fid_num_samples),

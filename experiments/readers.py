@@ -59,10 +59,10 @@ SAMPLING_CALLBACK = When(lambda c: GRID_OR_MAP.reads(c) or FID.reads(c),
                          "a sample grid, an order map or FID is on", lambda c: "none is")
 
 
-def _fid_extractor(kind: str) -> When:
-    return When(lambda c: FID.reads(c) and c.eval.extractor == kind, f"eval.fid_num_samples > 0 and "
-                f"eval.extractor={kind}", lambda c: f"eval.fid_num_samples={c.eval.fid_num_samples}, "
-                                                   f"eval.extractor={c.eval.extractor}")
+def _fid_extractor(*kinds: str) -> When:
+    return When(lambda c: FID.reads(c) and c.eval.extractor in kinds, f"eval.fid_num_samples > 0 and "
+                f"eval.extractor={'|'.join(kinds)}", lambda c: f"eval.fid_num_samples={c.eval.fid_num_samples}, "
+                                                             f"eval.extractor={c.eval.extractor}")
 
 
 READERS: dict[str, str | When | None] = {
@@ -94,8 +94,34 @@ READERS: dict[str, str | When | None] = {
     "callbacks.sample_classes": GRID_OR_MAP, "callbacks.sample_per_class": GRID,
     "callbacks.sample_seed": SAMPLING_CALLBACK,
     "eval.fid_num_samples": ALWAYS, "eval.fid_every_steps": FID, "eval.extractor": FID, "eval.reference": FID,
-    "eval.extractor_weights": _fid_extractor("digits"), "eval.inception_weights": _fid_extractor("inception"),
+    "eval.extractor_weights": _fid_extractor("digits", "shards"), "eval.inception_weights": _fid_extractor("inception"),
 }
+
+
+def _tok_extractor(*kinds: str) -> When:
+    from experiments.tokenizer_config import extractor_kind
+
+    return When(lambda c: extractor_kind(c) in kinds, f"the rFID extractor is {'|'.join(kinds)}",
+                lambda c: f"train.extractor={extractor_kind(c)}")
+
+
+# experiments.train_tokenizer's config (experiments/tokenizer_config.py), checked the same way
+DISC = When(lambda c: c.train.disc_start >= 0, "train.disc_start >= 0", lambda c: f"train.disc_start={c.train.disc_start}")
+TOKENIZER_READERS: dict[str, str | When | None] = {
+    "tokenizer.preset": ALWAYS, "tokenizer.vq": ALWAYS,
+    **{f"data.{k}": ALWAYS for k in ("kind", "image_size", "batch_size")},
+    **{f"data.{k}": _kind("data", "digits") for k in ("upsample", "seed")},
+    **{f"data.{k}": _kind("data", "shards") for k in ("train_shards", "val_shards", "center_crop", "random_flip",
+                                                      "num_workers", "val_count")},
+    **{f"train.{k}": ALWAYS for k in ("max_steps", "seed", "lr", "weight_decay", "rec_loss", "disc_start",
+                                      "perceptual_weight", "num_threads", "accelerator", "extractor")},
+    **{f"train.{k}": DISC for k in ("disc_weight", "disc_layers", "disc_ndf")},
+    "train.perceptual_path": When(lambda c: c.train.perceptual_weight > 0, "train.perceptual_weight > 0",
+                                  lambda c: f"train.perceptual_weight={c.train.perceptual_weight}"),
+    "train.val_every_epochs": _kind("data", "digits"), "train.val_every_steps": _kind("data", "shards"),
+    "train.extractor_weights": _tok_extractor("digits", "shards", "inception"),
+}
+FREE_FORM = ("tokenizer.options", "tokenizer.vq")  # constructor arguments, checked by their constructors
 
 
 def config_leaves(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -104,16 +130,16 @@ def config_leaves(cfg: DictConfig, prefix: str = "") -> list[str]:
     for key in cfg:
         node = cfg._get_node(key)
         full = f"{prefix}{key}"
-        if OmegaConf.is_dict(node) and full != "tokenizer.options":
+        if OmegaConf.is_dict(node) and full not in FREE_FORM:
             out += config_leaves(node, f"{full}.")
         else:
             out.append(full)
     return out
 
 
-def check_unread(cfg: DictConfig, defaults: DictConfig) -> None:
+def check_unread(cfg: DictConfig, defaults: DictConfig, readers: dict | None = None) -> None:
     """Refuse a key that differs from its default in a config where nothing reads it (one ConfigError line)."""
-    for key, rule in READERS.items():
+    for key, rule in (READERS if readers is None else readers).items():
         if not isinstance(rule, When) or rule.reads(cfg):
             continue
         if OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key):

@@ -102,14 +102,20 @@ def run(cfg, quiet: bool = False) -> dict:
         print(f"roar: {name}: {cfg.model.variant} on {cfg.model.flavour}/{cfg.model.size}, "
               f"{n_params / 1e6:.3f}M parameters, global batch {cfg.trainer.global_batch_size} = "
               f"{world} device(s) x {micro} x {accumulate} accumulation")
+    from experiments.data_defaults import no_val_reason
+
+    no_val = no_val_reason(cfg)
+    if no_val and all(os.environ.get(v, "0") == "0" for v in ("LOCAL_RANK", "RANK", "SLURM_PROCID")):
+        print(f"roar: {name}: {no_val}", flush=True)  # once, instead of Lightning's warning per validation
     callbacks = build_callbacks(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks, enable_progress_bar=not quiet)
+    extra = {"limit_val_batches": 0} if no_val else {}  # Lightning then skips validation without a warning
+    trainer = build_trainer(cfg, run_dir, callbacks, enable_progress_bar=not quiet, **extra)
     ckpt = find_resume_checkpoint(cfg.resume, run_dir)
     start = time.time()
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run:
+        if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run and not no_val:
             # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
             trainer.validate(module, datamodule=dm, verbose=False)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
@@ -126,6 +132,7 @@ def run(cfg, quiet: bool = False) -> dict:
         "steps": trainer.global_step, "tokens_seen": trainer.global_step * cfg.trainer.global_batch_size * module.num_positions,
         "fit_seconds": round(time.time() - start, 2), "resumed_from": ckpt or "",
         "train_loss": metrics.get("train/loss"), "val_nll_bits": metrics.get("val/nll"),
+        **({"val_nll_note": no_val} if no_val else {}),
         "data_skipped": getattr(stats, "final_skipped", None), "images_seen": getattr(stats, "final_images_seen", None),
         "nonfinite_skipped": module.nonfinite_total,
         "metrics": metrics, "run_dir": run_dir,

@@ -145,6 +145,9 @@ def validate(cfg: DictConfig) -> None:
     e = cfg.eval
     _check(e.fid_every_steps >= 0, "eval.fid_every_steps", f"{e.fid_every_steps} must be >= 0")
     _check(e.fid_num_samples >= 0, "eval.fid_num_samples", f"{e.fid_num_samples} must be >= 0")
+    if e.fid_num_samples and e.extractor == "shards":
+        _check(bool(e.extractor_weights), "eval.extractor_weights", "eval.extractor=shards needs the extractor trained "
+               "on your shards (python -m experiments.train_extractor --shards ... --out FILE)")
     if e.fid_num_samples and e.extractor == "inception":
         _check(bool(e.inception_weights), "eval.inception_weights",
                "FID with the Inception extractor needs a local weights file (nothing is downloaded)")

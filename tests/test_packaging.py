@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPTS = ["roar-train", "roar-sample", "roar-evaluate", "roar-demo", "roar-ablate", "roar-edit", "roar-export",
            "roar-import-official", "roar-parity", "roar-bench", "roar-train-tokenizer", "roar-pretokenize",
-           "roar-shards", "roar-launch", "roar-train-extractor"]
+           "roar-shards", "roar-launch", "roar-train-extractor", "roar-eval-tokenizer"]
 # what the build reads; setuptools writes build/ and *.egg-info into the source tree, so it builds from a copy
 BUILD_INPUTS = ["pyproject.toml", "setup.py", "README.md", "lightning_modules", "datamodules", "experiments",
                 "tokenizers"]

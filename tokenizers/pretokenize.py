@@ -2,6 +2,9 @@
 
     python -m tokenizers.pretokenize --shards 'DIR/train-{000000..000003}.tar' --out OUTDIR \
         --tokenizer-kind llamagen_vq --tokenizer-path vq.safetensors --image-size 256 [--ten-crop] [--batch-size 64]
+    # train and val codes in one call: OUTDIR/train/ and OUTDIR/val/ (what data.code_dir=OUTDIR reads)
+    torchrun --standalone --nproc-per-node 8 -m tokenizers.pretokenize --shards 'DIR/train-*.tar' \
+        --val-shards 'DIR/val-*.tar' --out OUTDIR --tokenizer-kind ... --image-size 256 --device cuda
 
 Input samples: ``__key__``, an image under ``png``/``jpg``/``jpeg`` (grey or RGB), ``cls`` (ASCII int).
 Output (read by the code-shard DataModule; keep EXACTLY):
@@ -11,8 +14,11 @@ Output (read by the code-shard DataModule; keep EXACTLY):
               ten_crop -> torchvision TenCrop(S) of the ADM centre crop at int(S * crop_range)
   OUTDIR/manifest.json = {num_samples, shards: {name: count}, tokenizer: {kind, fingerprint, config, vocab_size},
                           grid: [h, w], crop_policy, num_variants, skipped, ...}
-Distributed: input shards are split round-robin by rank; each rank writes its shards and manifest.r{rank}.json;
-rank 0 waits (--merge-timeout) for all parts and merges them, or run ``--merge`` afterwards.
+With --val-shards the train codes go to OUTDIR/train/ and the val codes to OUTDIR/val/ (one variant per sample: the
+plain ADM centre crop, which is what validation reads); the manifest also records the image shards' classes.json.
+Distributed (torchrun / srun set RANK and WORLD_SIZE, or --rank/--world-size): input shards are split round-robin by
+rank (--device cuda takes GPU LOCAL_RANK); each rank writes its shards and manifest.r{rank}.json; rank 0 waits
+(--merge-timeout) for all parts and merges them, or run ``--merge`` afterwards (once per split folder).
 Corrupt samples (undecodable image, bad cls, unreadable tar member) are skipped and counted.
 """
 from __future__ import annotations
@@ -130,10 +136,20 @@ def shard_pattern(rank: int, world: int) -> str:
     return "codes-%06d.tar" if world == 1 else f"codes-r{rank}-%06d.tar"
 
 
+def shard_classes(shards: list[str]) -> dict | None:
+    """The classes.json (synset -> index) the shard writer put beside the image shards, when there is one."""
+    path = os.path.join(os.path.dirname(shards[0]), "classes.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: int, ten_crop: bool = False,
                 crop_range: float = 1.1, batch_size: int = 32, rank: int = 0, world_size: int = 1,
-                maxcount: int = 10000, device: str = "cpu") -> dict:
-    """Encode this rank's share of ``shards``; returns (and writes) this rank's manifest part."""
+                maxcount: int = 10000, device: str = "cpu", plain: bool = False) -> dict:
+    """Encode this rank's share of ``shards``; returns (and writes) this rank's manifest part. ``plain``: one
+    variant per sample, the ADM centre crop (validation codes)."""
     import webdataset as wds
 
     if not 0 <= rank < world_size:
@@ -168,7 +184,8 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
         for key, img, label in iter_samples(mine, skips):
             bar.update()
             try:
-                batch.append((key, image_variants(img, image_size, ten_crop, crop_range), label))
+                variants = image_variants(img, image_size, ten_crop and not plain, crop_range)
+                batch.append((key, variants[:1] if plain else variants, label))
             except Exception as exn:  # noqa: BLE001 - e.g. truncated image data discovered while cropping
                 skips.add(f"{key}: {exn.__class__.__name__}: {str(exn)[:100]}")
                 continue
@@ -180,12 +197,20 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
     finally:
         bar.close()
         writer.close()
-    part = {"num_samples": written, "shards": counts,
+    for i in range(max(1, -(-written // maxcount)) + 1):  # a rank with no input (or a full last shard) opened an
+        path = os.path.join(out, pattern % i)              # empty tar that no manifest lists: not left behind
+        if pattern % i not in counts and os.path.isfile(path):
+            os.remove(path)
+    classes = shard_classes(shards)
+    policy = "adm_center" if plain else "ten_crop" if ten_crop else "adm_flip"
+    part = {"num_samples": written, "shards": counts, "classes": classes,
+            "num_classes": len(classes) if classes else None,
             "tokenizer": {"kind": kind, "fingerprint": tokenizer.fingerprint, "config": tokenizer.config(),
                           "vocab_size": tokenizer.vocab_size},
-            "grid": grid, "crop_policy": "ten_crop" if ten_crop else "adm_flip",
-            "num_variants": 10 if ten_crop else 2, "skipped": skips.count, "skipped_examples": skips.examples,
-            "image_size": image_size, "crop_range": crop_range if ten_crop else 1.0,
+            "grid": grid, "crop_policy": policy,
+            "num_variants": {"adm_center": 1, "ten_crop": 10, "adm_flip": 2}[policy], "skipped": skips.count,
+            "skipped_examples": skips.examples, "image_size": image_size,
+            "crop_range": crop_range if policy == "ten_crop" else 1.0,
             "codes_dtype": np.dtype(dtype).name, "input_shards": mine, "rank": rank, "world_size": world_size}
     if world_size > 1:
         write_json(os.path.join(out, f"manifest.r{rank}.json"), part)
@@ -200,7 +225,7 @@ def write_json(path: str, obj: dict) -> None:
 
 
 SHARED_KEYS = ("tokenizer", "grid", "crop_policy", "num_variants", "image_size", "crop_range", "codes_dtype",
-               "world_size")
+               "world_size", "classes", "num_classes")
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -208,6 +233,9 @@ def merge_parts(parts: list[dict]) -> dict:
     if not parts:
         raise ValueError("pretokenize --merge: no manifest.r*.json parts found")
     first = parts[0]
+    for p in parts:  # parts written before the classes were recorded
+        p.setdefault("classes", None)
+        p.setdefault("num_classes", None)
     for p in parts[1:]:
         for k in SHARED_KEYS:
             if p[k] != first[k]:
@@ -256,6 +284,7 @@ def parse_option(item: str):
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description="Pre-tokenize WebDataset image shards into code shards.")
     p.add_argument("--shards", help="input shards: brace pattern, glob or list")
+    p.add_argument("--val-shards", default="", help="val image shards too: codes to OUT/train/ and OUT/val/")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer-kind", help="tokenizers.registry kind (llamagen_vq, maskgit_vq, pixel, ...)")
     p.add_argument("--tokenizer-path", default="", help="local weights file of the tokenizer")
@@ -288,21 +317,42 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.tokenizer_path:
         options["path"] = args.tokenizer_path
     tokenizer = build_tokenizer(args.tokenizer_kind, **options)
-    part = pretokenize(expand_shards(args.shards), args.out, tokenizer, args.tokenizer_kind, args.image_size,
-                       args.ten_crop, args.crop_range, args.batch_size, rank, world, args.maxcount, args.device)
-    print(f"pretokenize rank {rank}/{world}: {part['num_samples']} samples -> {len(part['shards'])} shards, "
-          f"{part['skipped']} skipped")
-    if world == 1:
-        merged = merge_parts([part])
-        write_json(os.path.join(args.out, "manifest.json"), merged)
-        return merged
-    return merge_dir(args.out, world, timeout=args.merge_timeout) if rank == 0 else part
+    device = args.device
+    if device == "cuda" and world > 1:  # one GPU per rank (torchrun / srun on a multi-GPU node)
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    splits = [("train", args.shards, False)] + ([("val", args.val_shards, True)] if args.val_shards else [])
+    inputs = {name: expand_shards(pattern) for name, pattern, _ in splits}  # every pattern checked before any work
+    results = {}
+    for name, _, plain in splits:
+        out = os.path.join(args.out, name) if args.val_shards else args.out
+        part = pretokenize(inputs[name], out, tokenizer, args.tokenizer_kind, args.image_size, args.ten_crop,
+                           args.crop_range, args.batch_size, rank, world, args.maxcount, device, plain=plain)
+        print(f"pretokenize rank {rank}/{world}: {name}: {part['num_samples']} samples -> {len(part['shards'])} "
+              f"shards, {part['skipped']} skipped", flush=True)
+        results[name] = (out, part)
+    merged = {}
+    for name, (out, part) in results.items():
+        if world == 1:
+            merged[name] = merge_parts([part])
+            write_json(os.path.join(out, "manifest.json"), merged[name])
+        elif rank == 0:
+            merged[name] = merge_dir(out, world, timeout=args.merge_timeout)
+        else:
+            merged[name] = part
+    if rank == 0 and args.val_shards:
+        print(f"pretokenize: data.code_dir={args.out} (train/ {merged['train'] and merged['train']['num_samples']}, "
+              f"val/ {merged['val'] and merged['val']['num_samples']} samples)", flush=True)
+    return merged if args.val_shards else merged["train"]
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``roar-pretokenize`` (through experiments.cli): main() returns the manifest; a console script needs an
-    exit code."""
-    main(argv)
+    exit code; bad input is one line and exit 2."""
+    try:
+        main(argv)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pretokenize: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

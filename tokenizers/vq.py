@@ -42,6 +42,12 @@ PRESETS: dict[str, dict] = {
     "digits": dict(codebook_size=128, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
                    commit_loss_beta=0.25, entropy_loss_ratio=0.05, encoder_ch_mult=[1, 1, 2],
                    decoder_ch_mult=[1, 1, 2], z_channels=32, dropout_p=0.0, ch=32, num_res_blocks=1),
+    # Your own 32-64 px images (experiments/configs/tokenizer/small_vq.yaml): the digits widths, one more level
+    # (f = 8: 64 px -> 8x8 codes, the 64 tokens per image of the demo) and twice the codes for colour photos. At
+    # 32 px drop a level (encoder/decoder_ch_mult [1, 1, 2]: 8x8 codes) rather than train on a 4x4 grid.
+    "small": dict(codebook_size=256, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
+                  commit_loss_beta=0.25, entropy_loss_ratio=0.05, encoder_ch_mult=[1, 1, 2, 2],
+                  decoder_ch_mult=[1, 1, 2, 2], z_channels=32, dropout_p=0.0, ch=32, num_res_blocks=1),
 }
 
 

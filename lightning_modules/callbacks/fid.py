@@ -80,6 +80,10 @@ class FIDCallback(Callback):
                 ref.mu, ref.sigma = np.asarray(ref.mu, np.float64), np.asarray(ref.sigma, np.float64)
                 self.ref_stats = ref.check(self.extractor)
             else:
+                from lightning_modules.metrics.shard_extractor import check_domain
+
+                # the digits CNN on photos, or a shard CNN of another dataset / resolution: one line, before training
+                check_domain(self.extractor, self.ref_kwargs.get("image_size"), str(self.ref))
                 self.ref_stats = resolve_reference(str(self.ref), self.extractor, need_features=False,
                                                    show_progress=show_progress, **self.ref_kwargs)
 

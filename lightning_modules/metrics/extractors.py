@@ -9,6 +9,8 @@ Both take uint8 images [B, C, H, W] (C = 3, or 1 for grey) of any size and expos
   features and 1008-way logits *without* the fc bias, because that is what the ADM evaluator's softmax sees.
   Loaded only from a local file (config key ``eval.inception_weights``); we check the path ourselves because
   torch-fidelity / torchmetrics silently fall back to a download when it is missing.
+* ``shards``: a CNN trained on your own labelled image shards at their resolution (shard_extractor.py), for data
+  that is neither ImageNet-like nor the digits; its file records the domain it fits.
 * ``digits``: a 3-conv CNN for the embedded 8x8 digits (64-d features, 10 logits), trained deterministically by
   ``python -m experiments.train_extractor``. Inputs are converted to grey and resized to 8x8 first.
 """
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 INCEPTION_KEY = "eval.inception_weights"
 DIGITS_KEY = "eval.extractor_weights"
-KINDS = ("inception", "digits")
+KINDS = ("inception", "digits", "shards")  # shards: a CNN trained on your labelled shards (shard_extractor.py)
 # The one default location of the digits CNN (the FID callback, evaluate, ablate, the demo and train_tokenizer all
 # read it; each trains it, deterministically and in seconds, when it is missing)
 DEFAULT_DIGITS_WEIGHTS = os.path.join("runs", "extractors", "digits.safetensors")
@@ -154,6 +156,7 @@ class DigitsCNN(FeatureExtractor):
         self.proj = nn.Linear(2 * width * 16, num_features)
         self.head = nn.Linear(num_features, num_classes)
         self.name = "digits-cnn-untrained"
+        self.domain = {"kind": "digits", "classes": 10}  # the embedded grey digits (shard_extractor.check_domain)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float [B, 1, 8, 8] in [0, 1] (antialiased resize keeps larger renders comparable)."""
@@ -265,7 +268,8 @@ def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("kind") != "digits" or "config" not in meta:
-        raise ValueError(f"{DIGITS_KEY}: {path} is not a digits extractor (safetensors metadata lacks kind/config)")
+        hint = "; it is a shard extractor: use --extractor shards / eval.extractor=shards" if meta.get("kind") == "shards" else ""
+        raise ValueError(f"{DIGITS_KEY}: {path} is not a digits extractor (safetensors metadata lacks kind/config){hint}")
     model = DigitsCNN(**json.loads(meta["config"]))
     state = load_file(path)
     model.load_state_dict(state)
@@ -274,12 +278,35 @@ def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
     return model.eval()
 
 
+def load_shards_extractor(path: str | os.PathLike | None) -> FeatureExtractor:
+    """A CNN trained on your own shards (``python -m experiments.train_extractor --shards ...``)."""
+    if path is None or str(path).strip() == "":
+        raise ValueError(f"{DIGITS_KEY} is empty: train an extractor on your shards with `python -m "
+                         "experiments.train_extractor --shards 'DIR/train-*.tar' --image-size S --out FILE`")
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{DIGITS_KEY}: file not found: {path} (train it: python -m "
+                                f"experiments.train_extractor --shards 'DIR/train-*.tar' --image-size S --out {path})")
+    from safetensors import safe_open
+
+    from lightning_modules.metrics.shard_extractor import load_shard_extractor
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("kind") != "shards" or "config" not in meta:
+        raise ValueError(f"{DIGITS_KEY}: {path} is not a shard extractor (its kind is {meta.get('kind')!r}; "
+                         f"--extractor / eval.extractor must match the file)")
+    return load_shard_extractor(path, meta)
+
+
 def load_extractor(kind: str, path: str | os.PathLike | None, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """``kind`` in {"inception", "digits"}; ``path`` a local weights file (never downloaded)."""
+    """``kind`` in KINDS; ``path`` a local weights file (never downloaded)."""
     if kind == "inception":
         model: FeatureExtractor = InceptionExtractor(path)  # type: ignore[arg-type]
     elif kind == "digits":
         model = load_digits_extractor(path)
+    elif kind == "shards":
+        model = load_shards_extractor(path)
     else:
         raise ValueError(f"eval.extractor: unknown extractor kind {kind!r} (choose from {KINDS})")
     return model.to(device).eval()

@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml setup.py
 demo: $(STAMP)
 	$(VPY) -m experiments.demo
 
+# `make test`: every test not marked slow (under ~15 min on 2 cores). The slow tier holds the multi-rank runs with
+# every callback on, the README walks and the paper presets at debug size; CI (.ci/run) runs both tiers.
 test: $(STAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider
+	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow and not gpu"
 
-test-fast: $(STAMP)
-	$(VPY) -m pytest -q -p no:cacheprovider -m "not slow"
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider -m "slow and not gpu"
+
+test-all: test test-slow
 
 test-gpu: $(STAMP)
 	$(VPY) -m pytest -q -p no:cacheprovider -m gpu

@@ -239,6 +239,15 @@ class FidScorer:
                                  total=len(images))
         return float(fid_from_stats(stats["mu"], stats["sigma"], self.ref.mu, self.ref.sigma))
 
+    def class_consistency(self, images, labels) -> float | None:
+        """Share of the samples the extractor's classifier assigns to their conditioning class; None for an
+        extractor without a classifier head (Inception features)."""
+        from lightning_modules.metrics.consistency import class_consistency
+
+        if not getattr(self.extractor, "num_classes", 0):
+            return None
+        return class_consistency(self.extractor, images, labels)
+
 
 def evaluation_settings(module, sweep: DictConfig) -> tuple[list[dict], list[str]]:
     """Resolved, de-duplicated evaluation arms of one module -> (list of sample overrides, skipped reasons)."""
@@ -285,19 +294,23 @@ def evaluate_arm(arm: Arm, sweep: DictConfig, scorer: FidScorer | None, log=prin
     for over in settings:
         key = json.dumps(dict(hash=m["config_hash"], steps=m["steps"], sample=over, **protocol), sort_keys=True)
         if key not in cache:
-            images, start = [], time.perf_counter()
+            images, labels_all, start = [], [], time.perf_counter()
             for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, ev.batch_size, ev.seed):
                 images.append(module.sample_images(labels, seed, **over).cpu())  # .cpu(): timed to completion
+                labels_all.append(labels.cpu())
             seconds = time.perf_counter() - start
-            images = torch.cat(images)
+            images, labels_all = torch.cat(images), torch.cat(labels_all)
             cache[key] = {"images_per_s": len(images) / seconds,
-                          "fid": scorer.fid(images) if scorer is not None else None}
+                          "fid": scorer.fid(images) if scorer is not None else None,
+                          "class_consistency": (scorer.class_consistency(images, labels_all)
+                                                if scorer is not None else None)}
             log(f"ablate: {arm.name}: steps={over['num_steps']} cfg={over['cfg_scale']:g} "
                 f"{over['schedule']}: {cache[key]}")
         rows.append({"variant": arm.variant, "size": arm.size, "seed": arm.seed, "schedule": over["schedule"],
                      "decode_steps": over["num_steps"], "cfg_scale": over["cfg_scale"], "train_steps": m["steps"],
                      "tokens_seen": m["tokens_seen"], "val_nll": m["val_nll_bits"],
-                     "fid": cache[key]["fid"], "fid_samples": n if scorer is not None else 0,
+                     "fid": cache[key]["fid"], "class_consistency": cache[key].get("class_consistency"),
+                     "fid_samples": n if scorer is not None else 0,
                      "fid_tag": f"fid{count_tag(n)}" if scorer is not None else "",
                      "images_per_s": cache[key]["images_per_s"], "params_M": m["params"] / 1e6, "run": arm.name})
     tmp = cache_path + ".tmp"

@@ -20,7 +20,7 @@ COLUMNS = [  # (title, key, format)
     ("variant", "variant", "{}"), ("size", "size", "{}"), ("seed", "seed", "{}"), ("schedule", "schedule", "{}"),
     ("decode steps", "decode_steps", "{}"), ("CFG", "cfg_scale", "{:g}"), ("train steps", "train_steps", "{}"),
     ("tokens seen", "tokens_seen", "{}"), ("val NLL (bits/token)", "val_nll", "{:.4f}"), ("FID", "fid", "{:.3f}"),
-    ("images/s", "images_per_s", "{:.1f}"), ("params (M)", "params_M", "{:.2f}"), ("run", "run", "{}"),
+    ("class-consistency", "class_consistency", "{:.3f}"), ("images/s", "images_per_s", "{:.1f}"), ("params (M)", "params_M", "{:.2f}"), ("run", "run", "{}"),
 ]
 GROUP = ("variant", "size", "schedule", "cfg_scale")  # one plotted line / one mean row per group and decode steps
 
@@ -48,8 +48,8 @@ def mean_over_seeds(rows: list[dict]) -> list[dict]:
     for members in groups.values():
         row = {k: members[0][k] for k in (*GROUP, "decode_steps", "train_steps", "tokens_seen", "params_M")}
         row["seeds"] = len(members)
-        for key in ("val_nll", "fid", "images_per_s"):
-            values = [m[key] for m in members if m[key] is not None]
+        for key in ("val_nll", "fid", "class_consistency", "images_per_s"):
+            values = [m.get(key) for m in members if m.get(key) is not None]
             row[key] = float(np.mean(values)) if values else None
             row[key + "_std"] = float(np.std(values)) if len(values) > 1 else 0.0
         out.append(row)

@@ -62,15 +62,18 @@ def ensure_digits_vq(vq_dir: str) -> str:
     return weights
 
 
-def sample_and_score(module, scorer, n: int = FID_SAMPLES, batch: int = 100) -> tuple[float, float, torch.Tensor]:
-    """(images/s, FID of n class-balanced samples at the module's own sampling settings, the images)."""
+def sample_and_score(module, scorer, n: int = FID_SAMPLES, batch: int = 100) -> dict:
+    """n class-balanced samples at the module's own sampling settings: images/s, FID, class-consistency (the
+    share the digits CNN assigns to their conditioning class), the images."""
     from lightning_modules.sample_set import eval_plan
 
-    images, start = [], time.perf_counter()
+    images, labels_all, start = [], [], time.perf_counter()
     for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, batch, seed=0):
         images.append(module.sample_images(labels, seed).cpu())
-    seconds, images = time.perf_counter() - start, torch.cat(images)
-    return len(images) / seconds, scorer.fid(images), images
+        labels_all.append(labels.cpu())
+    seconds, images, labels_all = time.perf_counter() - start, torch.cat(images), torch.cat(labels_all)
+    return {"images_per_s": len(images) / seconds, "fid": scorer.fid(images),
+            "class_consistency": scorer.class_consistency(images, labels_all), "images": images}
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -114,17 +117,20 @@ def main(argv=None) -> int:
               f"{cfg.trainer.global_batch_size}, tokenizer {cfg.tokenizer.kind})", flush=True)
         result = run(cfg, quiet=True)
         module = load_generator(os.path.join(result["run_dir"], "checkpoints", "last.ckpt")).eval()
-        ips, fid, images = sample_and_score(module, scorer)
+        scores = sample_and_score(module, scorer)
+        images = scores["images"]
         # eval_plan labels are index % num_classes: the first 40 are 4 rows of classes 0..9
         grid = save_png(image_grid(images[:40], nrow=10, scale=upscale_for_display(images)),
                         os.path.join(a.out, f"{cfg.name}_samples.png"))
         rows.append({"variant": variant, "tokenizer": f"{cfg.tokenizer.kind} ({module.backbone.vocab_size})",
-                     "val_nll": f"{result['val_nll_bits']:.4f}", f"fid{FID_SAMPLES}": f"{fid:.1f}",
-                     "steps": module.sample_settings().num_steps, "images_per_s": f"{ips:.1f}",
+                     "val_nll": f"{result['val_nll_bits']:.4f}", f"fid{FID_SAMPLES}": f"{scores['fid']:.1f}",
+                     "class_consistency": f"{scores['class_consistency']:.3f}",
+                     "steps": module.sample_settings().num_steps, "images_per_s": f"{scores['images_per_s']:.1f}",
                      "params_M": f"{result['params'] / 1e6:.2f}", "train_s": result["fit_seconds"], "grid": grid,
                      "run": cfg.name})
     cols = [("variant", "variant"), ("tokenizer (vocab)", "tokenizer"), ("val NLL (bits/token)", "val_nll"),
-            (f"FID{FID_SAMPLES}", f"fid{FID_SAMPLES}"), ("sampling steps", "steps"), ("images/s", "images_per_s"),
+            (f"FID{FID_SAMPLES}", f"fid{FID_SAMPLES}"), ("class-consistency", "class_consistency"),
+            ("sampling steps", "steps"), ("images/s", "images_per_s"),
             ("params (M)", "params_M"), ("train s", "train_s")]
     table = markdown_table(rows, cols)
     with open(os.path.join(a.out, "table.md"), "w") as f:

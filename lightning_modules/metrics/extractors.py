@@ -205,6 +205,28 @@ def _accuracy(model: DigitsCNN, images: np.ndarray, labels: np.ndarray) -> float
     return float((pred == labels).mean())
 
 
+def fit_classifier(model, x_all: torch.Tensor, y_all: torch.Tensor, augment, gen: torch.Generator, opt, sched,
+                   epochs: int, batch_size: int, log=None) -> None:
+    """The extractors' training loop (digits and shard CNNs): cross-entropy on augmented minibatches of a seeded
+    permutation per epoch, cosine LR per epoch; x_all float [n, C, H, W] already scaled as the model expects."""
+    nn.Module.train(model, True)  # bypass the eval-only override for training
+    for epoch in range(epochs):
+        perm = torch.randperm(len(y_all), generator=gen)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            _, logits = model._forward_float(augment(x_all[idx], gen))
+            loss = F.cross_entropy(logits, y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        if log is not None and (epoch + 1) % 10 == 0:
+            log(f"epoch {epoch + 1}/{epochs} loss {total / len(perm):.4f}")
+    model.eval()
+
+
 def train_digits_extractor(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: float = 2e-3,
                            log=None) -> tuple[DigitsCNN, dict]:
     """Train the digits CNN on the embedded train split (fixed split seed 0); returns (model, info)."""
@@ -220,22 +242,7 @@ def train_digits_extractor(seed: int = 0, epochs: int = 30, batch_size: int = 64
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         x_all = torch.from_numpy(xtr).float()[:, None] / 255.0        # [n, 1, 8, 8]
         y_all = torch.from_numpy(ytr)
-        nn.Module.train(model, True)                                  # bypass the eval-only override for training
-        for epoch in range(epochs):
-            perm = torch.randperm(len(y_all), generator=gen)
-            total = 0.0
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i:i + batch_size]
-                _, logits = model._forward_float(_random_shift(x_all[idx], gen))
-                loss = F.cross_entropy(logits, y_all[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            sched.step()
-            if log is not None and (epoch + 1) % 10 == 0:
-                log(f"epoch {epoch + 1}/{epochs} loss {total / len(perm):.4f}")
-        model.eval()
+        fit_classifier(model, x_all, y_all, _random_shift, gen, opt, sched, epochs, batch_size, log)
         info = {"kind": "digits", "config": model.config, "seed": seed, "epochs": epochs, "batch_size": batch_size,
                 "lr": lr, "train_accuracy": _accuracy(model, xtr, ytr), "val_accuracy": _accuracy(model, xva, yva),
                 "num_train": len(ytr), "num_val": len(yva), "torch_version": torch.__version__}

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightning_modules.metrics.extractors import FeatureExtractor, _check_uint8, _deterministic_cpu, _state_hash
+from lightning_modules.metrics.extractors import (FeatureExtractor, _check_uint8, _deterministic_cpu, _state_hash,
+                                                  fit_classifier)
 
 KEY = "eval.extractor_weights"
 
@@ -157,22 +158,7 @@ def train_shard_extractor(shards: str, image_size: int, val_shards: str = "", se
         model = ShardCNN(image_size, num_classes, width, num_features, domain)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-        nn.Module.train(model, True)  # bypass the eval-only override for training
-        x_all = x_tr.float() / 127.5 - 1.0
-        for epoch in range(epochs):
-            perm = torch.randperm(len(y_tr), generator=gen)
-            total = 0.0
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i:i + batch_size]
-                loss = F.cross_entropy(model._forward_float(_augment(x_all[idx], gen))[1], y_tr[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            sched.step()
-            if log is not None and (epoch + 1) % 10 == 0:
-                log(f"epoch {epoch + 1}/{epochs} loss {total / len(perm):.4f}")
-        model.eval()
+        fit_classifier(model, x_tr.float() / 127.5 - 1.0, y_tr, _augment, gen, opt, sched, epochs, batch_size, log)
         info = {"kind": "shards", "config": model.config, "domain": model.domain, "seed": seed, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "num_train": len(y_tr),
                 "train_accuracy": _accuracy(model, x_tr, y_tr), "torch_version": torch.__version__}

@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast test-gpu bench bench-gpu bench-gpu-dry clean
+.PHONY: venv demo demo-vq test test-fast test-gpu bench bench-gpu bench-gpu-dry clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py
 
 demo: $(STAMP)
 	$(VPY) -m experiments.demo
+
+# the demo's arms plus raster / RandAR / ARPG on the codes of the project's digits VQ (trained first: ~2 min)
+demo-vq: $(STAMP)
+	$(VPY) -m experiments.demo --vq-variants raster,randar,arpg
 
 # `make test`: every test not marked slow (under ~15 min on 2 cores). The slow tier holds the multi-rank runs with
 # every callback on, the README walks and the paper presets at debug size; CI (.ci/run) runs both tiers.

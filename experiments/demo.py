@@ -1,15 +1,16 @@
 """`make demo`: the four orderings on the embedded digits with an equal budget, as one comparison table.
 
 Each arm is experiments/configs/demo/raster.yaml with only ``model.variant`` changed: same backbone size, steps,
-global batch, seed and tokens seen. The ``--vq-variants`` arms (raster by default) train the same way on the codes
-of the project's own digits VQ (configs/demo/vq_codes.yaml; the VQ is trained first when --vq-dir has none), so the
-table also compares tokenizers. For every arm: validation NLL (bits/token of its own vocabulary), FID of 200
-class-balanced samples at the preset's sampling settings (digits extractor), the sampler's default number of
-steps, images/s of sampling, and a sample grid. Runs go to runs/demo/<name>/; a finished arm is resumed at its
+global batch, seed and tokens seen. The ``--vq-variants`` arms (none by default; ``make demo-vq`` adds raster, RandAR
+and ARPG) train the same way on the codes of the project's own digits VQ (configs/demo/vq_codes.yaml; the VQ is
+trained first when --vq-dir has none), so the table also compares tokenizers. For every arm: validation NLL
+(bits/token of its own vocabulary), FID of 200 class-balanced samples at the preset's sampling settings (digits
+extractor), their class-consistency (the share the digits CNN assigns to their conditioning class: 0.1 = the
+class is ignored), the sampler's default number of steps, images/s of sampling, and a sample grid. Runs go to runs/demo/<name>/; a finished arm is resumed at its
 last step (nothing retrained) when the demo runs again.
 
-    python -m experiments.demo [--steps 400] [--out runs/demo] [--variants raster,rar,randar,arpg]
-                               [--vq-variants raster] [--vq-dir runs/digits_vq]
+    python -m experiments.demo [--steps 600] [--out runs/demo] [--variants raster,rar,randar,arpg]
+                               [--vq-variants raster,randar,arpg] [--vq-dir runs/digits_vq]
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="training steps per arm (0 = the preset's)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--variants", default="", help="comma-separated arms (default: the demo sweep's axes.variants)")
-    p.add_argument("--vq-variants", default="raster", help="arms on the digits VQ's codes ('' = none)")
+    p.add_argument("--vq-variants", default="", help="arms on the digits VQ's codes, e.g. raster (`make demo-vq`; "
+                                                     "it first trains the VQ: ~2 min)")
     p.add_argument("--vq-dir", default="runs/digits_vq", help="the digits VQ (trained here when missing)")
     from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS
 

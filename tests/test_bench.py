@@ -208,6 +208,7 @@ def test_generation_attention_flops_equal_executed_visible_pairs(variant, monkey
 
 
 # ---------------------------------------------------------------------------------------------- GPU suite
+@pytest.mark.slow  # whole-CLI / multi-process run: the slow tier (make test-slow)
 def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
     """`make bench-gpu-dry`: the GPU suite's code on the CPU at toy sizes (two orderings here, to keep it short;
     the pytest subprocess is stubbed: it is one fixed command line, and tests/test_gpu.py has its own run)."""

@@ -25,6 +25,7 @@ def _dist_worker(rank, world, port, feats, logits, plans, out_dir):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # whole-CLI / multi-process run: the slow tier (make test-slow)
 def test_feature_stats_sync_across_gloo_ranks(tmp_path):
     """Two real processes (gloo) give the single-process statistics, also when one rank draws no batch."""
     from lightning_modules.callbacks.fid import eval_plan  # parent only: children skip importing Lightning

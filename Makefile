@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast test-gpu bench bench-gpu bench-gpu-dry clean
+.PHONY: venv demo study test test-fast test-gpu bench bench-gpu bench-gpu-dry clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml setup.py
 
 demo: $(STAMP)
 	$(VPY) -m experiments.demo
+
+# The order study (experiments/study.py): 12 orderings/scans x 3 seeds (+ 3 on the digits VQ), about an hour+ on
+# CPU; resumable (finished runs are collected, not retrained). Writes docs/study.md's generated block.
+study: $(STAMP)
+	$(VPY) -m experiments.study
 
 # `make test`: every test not marked slow (under ~15 min on 2 cores). The slow tier holds the multi-rank runs with
 # every callback on, the README walks and the paper presets at debug size; CI (.ci/run) runs both tiers.

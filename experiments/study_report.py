@@ -160,7 +160,8 @@ def plot_nll_curves(curves: dict[str, list[tuple[int, float]]], path: str) -> st
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", ms=3, color=colours[arm], label=arm)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty plot, no legend warning
+        ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     return path
 
@@ -177,6 +178,7 @@ def plot_quarters(summary: list[dict], path: str) -> str:
             xs, ys, err = zip(*qs)
             ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=2, color=colours[row["arm"]], label=row["arm"])
     ax.set_xticks(range(1, QUARTERS + 1))
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty plot, no legend warning
+        ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
     return path

@@ -86,8 +86,24 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
 
 
-@pytest.mark.slow  # about 80 s on 2 shared cores
+def test_a_sweep_on_the_digits_vq_trains_the_vq_first_when_missing(tmp_path, monkeypatch):
+    import experiments.demo
+    from experiments.ablate import load_sweep
+
+    calls = []
+    monkeypatch.setattr(experiments.demo, "ensure_digits_vq", calls.append)
+    weights = str(tmp_path / "vq" / "tokenizer.safetensors")
+    sweep = load_sweep(study.sweep_path("study_vq"))
+    study.ensure_tokenizer(sweep, [f"tokenizer.path={weights}"], log=lambda m: None)
+    assert calls == [str(tmp_path / "vq")]
+    study.ensure_tokenizer(load_sweep(study.sweep_path("study")), [], log=lambda m: None)  # pixels: nothing to train
+    assert len(calls) == 1
+
+
+@pytest.mark.slow  # 50-80 s on 2 shared cores (6 toy arms trained, then evaluated)
 def test_quick_study_end_to_end_then_resumes_without_training(tmp_path, monkeypatch):
+    import torch
+
     from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
 
     extractor = str(tmp_path / "digits.safetensors")
@@ -97,7 +113,13 @@ def test_quick_study_end_to_end_then_resumes_without_training(tmp_path, monkeypa
     kwargs = dict(quick=True, out=out, extractor=extractor, doc=os.path.join(out, "study.md"),
                   images_dir=os.path.join(out, "images"), json_path=os.path.join(out, "study.json"),
                   log=lambda m: None)
-    first = study.run_study(["study"], **kwargs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # debug-size models: extra threads only wait on each other (and on a shared machine)
+    try:
+        first = study.run_study(["study"], **kwargs)
+        again = resumed(kwargs, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
     summary = first["sweeps"]["study"]["summary"]
     assert [row["arm"] for row in summary] == ["raster", "randar", "scan-hilbert"]
     for row in summary:  # 2 seeds: a real interval for every deterministic metric
@@ -111,9 +133,13 @@ def test_quick_study_end_to_end_then_resumes_without_training(tmp_path, monkeypa
     for name in ("nll_vs_step", "fid_vs_steps", "nll_quarters", "cross_order", "randar_samples"):
         assert os.path.isfile(os.path.join(out, "images", f"study_{name}.png")), name
 
-    def no_training(*args, **kwargs):
+    assert again["sweeps"] == first["sweeps"]  # timings aside, bit for bit
+
+
+def resumed(kwargs, monkeypatch) -> dict:
+    """The same study again, with training forbidden: every arm must be collected."""
+    def no_training(*args, **kw):
         raise AssertionError("a finished arm was retrained")
 
     monkeypatch.setattr(train, "run", no_training)
-    again = study.run_study(["study"], **kwargs)
-    assert again["sweeps"] == first["sweeps"]  # timings aside, bit for bit
+    return study.run_study(["study"], **kwargs)

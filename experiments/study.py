@@ -39,8 +39,8 @@ PROTOCOL = dict(orders=CROSS_ORDERS, val_batch=64, inpaint_images=100, region="c
 SALT_INPAINT, SALT_SCRATCH, SALT_GRID = 101, 102, 103  # derive_seed salts: independent streams per use
 # --quick: the pipeline end to end on toy runs (a smoke test, not a result); the size is a sweep axis (an arm
 # override of model.size would be overridden by the axis)
-QUICK_SWEEP = ["axes.sizes=[debug]", "axes.seeds=[0,1]", "axes.variants=[raster,randar,scan@hilbert]", "axes.decode_steps=[0,8]",
-               "eval.fid_samples=20", "eval.batch_size=20"]
+QUICK_SWEEP = ["axes.sizes=[debug]", "axes.seeds=[0,1]", "axes.variants=[raster,randar,scan@hilbert]",
+               "axes.decode_steps=[0,8]", "eval.fid_samples=20", "eval.batch_size=20"]
 QUICK_TRAIN = ["trainer.max_steps=4", "trainer.val_every_steps=2", "trainer.ckpt_every_steps=4",
                "trainer.limit_val_batches=1", "callbacks.sample_every_steps=0", "trainer.global_batch_size=16"]
 QUICK_PROTOCOL = dict(inpaint_images=8, val_batch=16)
@@ -63,7 +63,8 @@ def inpaint_scores(module, batches, protocol: dict) -> dict:
 
     codes, labels, dev, n = [], [], module.device, protocol["inpaint_images"]
     for _, batch in batches:
-        codes.append(module.codes_from_batch({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}))  # [B, N]
+        on_device = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}  # ids etc. stay as is
+        codes.append(module.codes_from_batch(on_device))  # [B, N]
         labels.append(batch["label"].to(dev))
     grid, tok = tuple(module.grid), module.tokenizer
     codes, labels = torch.cat(codes)[:n].view(-1, *grid), torch.cat(labels)[:n]  # [n, h, w], [n]

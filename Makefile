@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo demo-vq test test-fast test-gpu bench bench-gpu bench-gpu-dry clean
+.PHONY: venv demo demo-vq study test test-slow test-all test-gpu bench bench-gpu bench-gpu-dry clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: $(STAMP)
 # the demo's arms plus raster / RandAR / ARPG on the codes of the project's digits VQ (trained first: ~2 min)
 demo-vq: $(STAMP)
 	$(VPY) -m experiments.demo --vq-variants raster,randar,arpg
+
+# The order study (experiments/study.py): 12 orderings/scans x 3 seeds (+ 3 on the digits VQ), about an hour+ on
+# CPU; resumable (finished runs are collected, not retrained). Writes docs/study.md's generated block.
+study: $(STAMP)
+	$(VPY) -m experiments.study
 
 # `make test`: every test not marked slow (under ~15 min on 2 cores). The slow tier holds the multi-rank runs with
 # every callback on, the README walks and the paper presets at debug size; CI (.ci/run) runs both tiers.

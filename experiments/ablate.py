@@ -130,7 +130,9 @@ def arm_spec(spec: str) -> tuple[str, list[str]]:
 def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
     """variants x sizes x seeds, each the base preset + overrides + its axis values; equal compute asserted."""
     arms = []
-    base_size = load_config([sweep.base], list(sweep.overrides)).model.size
+    # the size an arm gets when axes.sizes is empty: the base preset's after every override (extra included, so a
+    # caller's model.size=... is not silently replaced by the preset's)
+    base_size = load_config([sweep.base], [*sweep.overrides, *extra]).model.size
     for spec in sweep.axes.variants:
         variant, ordering_overrides = arm_spec(spec)
         for size in list(sweep.axes.sizes) or [base_size]:

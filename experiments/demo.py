@@ -9,7 +9,7 @@ extractor), their class-consistency (the share the digits CNN assigns to their c
 class is ignored), the sampler's default number of steps, images/s of sampling, and a sample grid. Runs go to runs/demo/<name>/; a finished arm is resumed at its
 last step (nothing retrained) when the demo runs again.
 
-    python -m experiments.demo [--steps 500] [--out runs/demo] [--variants raster,rar,randar,arpg]
+    python -m experiments.demo [--steps 400] [--out runs/demo] [--variants raster,rar,randar,arpg]
                                [--vq-variants raster,randar,arpg] [--vq-dir runs/digits_vq]
 """
 from __future__ import annotations

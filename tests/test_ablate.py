@@ -44,16 +44,23 @@ def test_sweep_arms_expand_with_equal_compute():
     sweep = ablate.load_sweep(DEMO, ["out_dir=/nowhere"])
     arms = ablate.training_arms(sweep)
     assert [a.name for a in arms] == ["raster", "rar", "randar", "arpg"]
-    assert {(a.cfg.trainer.global_batch_size, a.cfg.trainer.max_steps) for a in arms} == {(32, 500)}
+    assert {(a.cfg.trainer.global_batch_size, a.cfg.trainer.max_steps) for a in arms} == {(32, 400)}
     assert all(a.run_dir == os.path.join("/nowhere", a.name) for a in arms)
     # the demo's own arms have the same config hash, so the sweep collects them instead of retraining
     from experiments.config import config_hash
     from experiments.demo import arm_config
 
     assert config_hash(arm_config("randar", 0, "/elsewhere")) == config_hash(arms[2].cfg)
-    assert config_hash(arm_config("randar", 500, "/elsewhere")) == config_hash(arms[2].cfg)
+    assert config_hash(arm_config("randar", 400, "/elsewhere")) == config_hash(arms[2].cfg)
     seeds = ablate.training_arms(ablate.load_sweep(TINY, ["axes.seeds=[0,1]", "axes.sizes=[debug,small]"]))
     assert len(seeds) == 2 * 2 * 2 and len({a.name for a in seeds}) == 8
+
+
+def test_a_size_override_for_every_arm_is_not_replaced_by_the_presets():
+    sweep = ablate.load_sweep(DEMO, ["out_dir=/nowhere"])  # axes.sizes [small]: the axis wins, as listed
+    assert {a.cfg.model.size for a in ablate.training_arms(sweep, ["model.size=debug"])} == {"small"}
+    sweep = ablate.load_sweep(DEMO, ["out_dir=/nowhere", "axes.sizes=[]"])  # no axis: the caller's override holds
+    assert {a.cfg.model.size for a in ablate.training_arms(sweep, ["model.size=debug"])} == {"debug"}
 
 
 def test_scans_and_orderings_sweep_as_one_axis():

@@ -246,7 +246,7 @@ class FidScorer:
         extractor without a classifier head (Inception features)."""
         from lightning_modules.metrics.consistency import class_consistency
 
-        if not getattr(self.extractor, "num_classes", 0):
+        if not self.extractor.scores_labels:
             return None
         return class_consistency(self.extractor, images, labels)
 

@@ -130,6 +130,18 @@ def test_fid_callback_same_labels_and_seeds_for_different_generators(weights):
     assert cb_good.last_results["val/fid30"] == pytest.approx(logged[-1]["val/fid30"])
     assert cb_good.last_results["fid_eval"]["step"] == 4 and cb_good.last_results["fid_eval"]["num_samples"] == 30
     assert cb_noisy.last_results["val/fid30"] > cb_good.last_results["val/fid30"]   # noise costs FID
+    # class-consistency of the set, logged with FID: the share the extractor assigns to the asked class, as
+    # lightning_modules/metrics/consistency.py computes it from the same images
+    from lightning_modules.metrics.consistency import class_consistency
+    from lightning_modules.metrics.extractors import load_extractor
+
+    asked = list(good.calls[:4])
+    images = torch.cat([good.sample_images(torch.tensor(labels), seed) for labels, seed, _, _ in asked])
+    labels = torch.tensor([c for labels, _, _, _ in asked for c in labels])
+    want = class_consistency(load_extractor("digits", weights), images, labels)
+    assert cb_good.last_results["val/class_consistency30"] == pytest.approx(want) and want > 0.5
+    assert "val/class_consistency30" in logged[0]
+    assert cb_noisy.last_results["val/class_consistency30"] < cb_good.last_results["val/class_consistency30"]
     assert cb_good.state_dict()["last_results"]["val/fid30"] == cb_good.last_results["val/fid30"]
 
 

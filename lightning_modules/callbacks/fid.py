@@ -114,6 +114,9 @@ class FIDCallback(Callback):
         progress = Progress(sum(len(labels) for _, labels, _, _ in plan),
                             f"[fid] step {trainer.global_step}: sampling (rank 0's share)", "images", enabled=show)
         sampling_s = 0.0
+        # class-consistency (lightning_modules/metrics/consistency.py) where the extractor classifies these labels
+        scores_labels = extractor.scores_labels and extractor.num_classes == self.num_classes
+        matches = torch.zeros((), dtype=torch.float64, device=device)
         with sampling_module(trainer, pl_module, ranks="all") as (module, used_ema), progress:
             was_training = module.training
             try:
@@ -128,6 +131,8 @@ class FIDCallback(Callback):
                         raise ValueError(f"sample_images returned {images.shape[0]} images for {len(labels)} labels")
                     feats, logits = extractor.features_and_logits(images)   # [b, F], [b, K]
                     metric.update(feats, logits, index.to(device))
+                    if scores_labels:
+                        matches += (logits.argmax(-1) == labels.to(device)).sum()
                     progress.update(len(labels))
             finally:
                 module.train(was_training)
@@ -138,6 +143,9 @@ class FIDCallback(Callback):
         fid = fid_from_stats(out["mu"], out["sigma"], ref.mu, ref.sigma)
         metrics = {f"val/fid{self.tag}": fid, f"val/is{self.tag}": out.get("is", float("nan")),
                    "val/sample_images_per_s": out["num_samples"] / max(slowest, 1e-9)}
+        if scores_labels:  # every rank takes this branch (same extractor), so every rank reaches the collective
+            total = float(trainer.strategy.reduce(matches, reduce_op="sum"))
+            metrics[f"val/class_consistency{self.tag}"] = total / max(out["num_samples"], 1)
         self._last_step = trainer.global_step
         # the details sit under one key so merging into metrics.json cannot clobber the run's own fields
         self.last_results = dict(metrics, fid_eval={

@@ -68,6 +68,9 @@ class FeatureExtractor(nn.Module):
     name: str = "extractor"
     num_features: int = 0
     num_classes: int = 0
+    # True when the head classifies the dataset's own labels (digits / shard CNNs), so that class-consistency of
+    # class-conditional samples is defined; Inception's 1008-way head is not aligned with a generator's label ids
+    scores_labels: bool = False
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)
@@ -140,6 +143,7 @@ class InceptionExtractor(FeatureExtractor):
 # Digits CNN
 # ----------------------------------------------------------------------------------------------------------------
 class DigitsCNN(FeatureExtractor):
+    scores_labels = True
     """8x8 grey -> 3 convs -> 64-d feature (pre-ReLU, so no dead dims make the covariance singular) -> 10 logits."""
 
     input_size = 8

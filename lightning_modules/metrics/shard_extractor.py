@@ -45,6 +45,7 @@ def shard_domain(pattern: str) -> dict:
 
 
 class ShardCNN(FeatureExtractor):
+    scores_labels = True
     """RGB [R, R] -> stride-2 convs down to 4x4 -> F-d feature (pre-ReLU: no dead dimensions) -> K logits."""
 
     def __init__(self, image_size: int, num_classes: int, width: int = 16, num_features: int = 64,

@@ -17,6 +17,16 @@ def config_parser(description: str, epilog: str = "") -> argparse.ArgumentParser
     return p
 
 
+def write_json(path: str, obj) -> None:
+    """A CLI's --out JSON (its folder created), indented for reading."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
 def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)

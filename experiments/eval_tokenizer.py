@@ -11,9 +11,9 @@ extractor is refused when it was trained on another domain or resolution (shard_
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+
+from experiments.cli import write_json
 
 
 def evaluate_tokenizer(tokenizer, shards: str, image_size: int, extractor_kind: str, extractor_weights: str,
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{a.tokenizer_path or a.tokenizer_kind}: val PSNR {metrics['val_psnr']:.2f} dB, rFID {rfid} "
           f"({metrics['rfid_images']} images of {a.shards}, extractor {metrics['rfid_extractor']})")
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(a.out, metrics)
     return metrics
 
 

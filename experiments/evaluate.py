@@ -24,13 +24,13 @@ the JSON records both.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 
+from experiments.cli import write_json
 from lightning_modules.metrics.extractors import KINDS, load_extractor
 from lightning_modules.metrics.reference import NpzImages, extract_stats, png_folder, resolve_reference
 from lightning_modules.metrics.scores import IS_SPLITS, PR_K, fid_from_stats, precision_recall
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                        a.ref_count, a.ref_image_size, a.num_splits, not a.no_pr)
     print(summary_line(metrics))
     if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(a.out, metrics)
     return metrics
 
 

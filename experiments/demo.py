@@ -6,8 +6,8 @@ and ARPG) train the same way on the codes of the project's own digits VQ (config
 trained first when --vq-dir has none), so the table also compares tokenizers. For every arm: validation NLL
 (bits/token of its own vocabulary), FID of 200 class-balanced samples at the preset's sampling settings (digits
 extractor), their class-consistency (the share the digits CNN assigns to their conditioning class: 0.1 = the
-class is ignored), the sampler's default number of steps, images/s of sampling, and a sample grid. Runs go to runs/demo/<name>/; a finished arm is resumed at its
-last step (nothing retrained) when the demo runs again.
+class is ignored), the sampler's default number of steps, images/s of sampling, and a sample grid. Runs go to
+runs/demo/<name>/; a finished arm is resumed at its last step (nothing retrained) when the demo runs again.
 
     python -m experiments.demo [--steps 400] [--out runs/demo] [--variants raster,rar,randar,arpg]
                                [--vq-variants raster,randar,arpg] [--vq-dir runs/digits_vq]

@@ -20,7 +20,8 @@ COLUMNS = [  # (title, key, format)
     ("variant", "variant", "{}"), ("size", "size", "{}"), ("seed", "seed", "{}"), ("schedule", "schedule", "{}"),
     ("decode steps", "decode_steps", "{}"), ("CFG", "cfg_scale", "{:g}"), ("train steps", "train_steps", "{}"),
     ("tokens seen", "tokens_seen", "{}"), ("val NLL (bits/token)", "val_nll", "{:.4f}"), ("FID", "fid", "{:.3f}"),
-    ("class-consistency", "class_consistency", "{:.3f}"), ("images/s", "images_per_s", "{:.1f}"), ("params (M)", "params_M", "{:.2f}"), ("run", "run", "{}"),
+    ("class-consistency", "class_consistency", "{:.3f}"), ("images/s", "images_per_s", "{:.1f}"),
+    ("params (M)", "params_M", "{:.2f}"), ("run", "run", "{}"),
 ]
 GROUP = ("variant", "size", "schedule", "cfg_scale")  # one plotted line / one mean row per group and decode steps
 

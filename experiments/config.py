@@ -100,7 +100,7 @@ class CallbacksConfig:
 class EvalConfig:
     fid_every_steps: int = 0  # 0 = only at the end when fid_num_samples > 0
     fid_num_samples: int = 0  # 0 = no FID
-    extractor: Extractor = "digits"  # digits | inception | shards (a CNN trained on your shards: experiments.train_extractor)
+    extractor: Extractor = "digits"  # digits | inception | shards (a CNN trained on your shards: train_extractor)
     extractor_weights: str = ""  # digits / shards extractor file
     inception_weights: str = ""
     reference: str = ""  # ADM .npz, or empty = computed from the val shards and cached

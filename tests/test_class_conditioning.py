@@ -22,7 +22,6 @@ def templates(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, V, (C, N), generator=torch.Generator().manual_seed(seed))  # [C, N]
 
 
-@pytest.mark.slow  # trains / compiles once per registered ordering: the slow tier (make test-slow)
 @pytest.mark.parametrize("variant,flavour", VALID)
 def test_every_ordering_learns_what_the_class_decides(variant, flavour, one_thread):
     torch.manual_seed(0)

@@ -110,7 +110,6 @@ def dynamo_backend(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.slow  # trains / compiles once per registered ordering: the slow tier (make test-slow)
 @pytest.mark.parametrize("variant,flavour", VALID)
 def test_compiled_step_is_one_graph_and_matches(variant, flavour, dynamo_backend):
     from torch._dynamo.utils import counters

@@ -265,19 +265,26 @@ def save_digits_extractor(model: DigitsCNN, path: str, info: dict) -> None:
         json.dump(info, f, indent=2, sort_keys=True)
 
 
-def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
+def _weights_metadata(path: str | os.PathLike | None, empty_hint: str, train_args: str = "") -> tuple[str, dict]:
+    """(expanded path, safetensors metadata) of an extractor weights file; an empty or missing path is one error
+    naming the key and the command that trains the file (``train_args`` go before its ``--out``)."""
     if path is None or str(path).strip() == "":
-        raise ValueError(f"{DIGITS_KEY} is empty: train one with "
-                         "`python -m experiments.train_extractor --out runs/extractors/digits.safetensors`")
+        raise ValueError(f"{DIGITS_KEY} is empty: {empty_hint}")
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{DIGITS_KEY}: file not found: {path} "
-                                f"(train it: python -m experiments.train_extractor --out {path})")
+                                f"(train it: python -m experiments.train_extractor {train_args}--out {path})")
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+        return path, f.metadata() or {}
+
+
+def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
+    from safetensors.torch import load_file
+
+    path, meta = _weights_metadata(path, "train one with "
+                                   "`python -m experiments.train_extractor --out runs/extractors/digits.safetensors`")
     if meta.get("kind") != "digits" or "config" not in meta:
         hint = "; it is a shard extractor: use --extractor shards / eval.extractor=shards" if meta.get("kind") == "shards" else ""
         raise ValueError(f"{DIGITS_KEY}: {path} is not a digits extractor (safetensors metadata lacks kind/config){hint}")
@@ -291,19 +298,11 @@ def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
 
 def load_shards_extractor(path: str | os.PathLike | None) -> FeatureExtractor:
     """A CNN trained on your own shards (``python -m experiments.train_extractor --shards ...``)."""
-    if path is None or str(path).strip() == "":
-        raise ValueError(f"{DIGITS_KEY} is empty: train an extractor on your shards with `python -m "
-                         "experiments.train_extractor --shards 'DIR/train-*.tar' --image-size S --out FILE`")
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{DIGITS_KEY}: file not found: {path} (train it: python -m "
-                                f"experiments.train_extractor --shards 'DIR/train-*.tar' --image-size S --out {path})")
-    from safetensors import safe_open
-
     from lightning_modules.metrics.shard_extractor import load_shard_extractor
 
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    path, meta = _weights_metadata(path, "train an extractor on your shards with `python -m "
+                                   "experiments.train_extractor --shards 'DIR/train-*.tar' --image-size S --out FILE`",
+                                   "--shards 'DIR/train-*.tar' --image-size S ")
     if meta.get("kind") != "shards" or "config" not in meta:
         raise ValueError(f"{DIGITS_KEY}: {path} is not a shard extractor (its kind is {meta.get('kind')!r}; "
                          f"--extractor / eval.extractor must match the file)")

@@ -68,6 +68,9 @@ class SweepConfig:
     run_name: str = "{variant}-{size}-s{seed}-{hash}"  # fields: variant size seed hash
     axes: SweepAxes = field(default_factory=SweepAxes)
     overrides: list = field(default_factory=list)  # dotlist applied to every training arm
+    # ordering name (model.variant) -> dotlist for its arms only: an ordering's own options, which the shared base
+    # preset cannot set (nothing else reads them), e.g. {rar: [model.rar_anneal_start=0.0, ...]}
+    arm_overrides: dict = field(default_factory=dict)
     eval: SweepEval = field(default_factory=SweepEval)
 
 
@@ -127,6 +130,17 @@ def arm_spec(spec: str) -> tuple[str, list[str]]:
     return (f"{variant}-{scan}" if scan else variant), overrides
 
 
+def arm_overrides(sweep: DictConfig, ordering: str) -> list[str]:
+    """The sweep's ``arm_overrides`` of one ordering; a key that names no registered ordering is an error (a
+    registered one the axes leave out is allowed: the demo narrows axes.variants to the arms asked for)."""
+    from lightning_modules.variants import variant_names
+
+    unknown = sorted(set(sweep.arm_overrides) - set(variant_names()))
+    if unknown:
+        raise ConfigError(f"arm_overrides.{unknown[0]}", f"not an ordering (choose from {sorted(variant_names())})")
+    return [str(kv) for kv in sweep.arm_overrides.get(ordering, [])]
+
+
 def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
     """variants x sizes x seeds, each the base preset + overrides + its axis values; equal compute asserted."""
     arms = []
@@ -135,6 +149,7 @@ def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
     base_size = load_config([sweep.base], [*sweep.overrides, *extra]).model.size
     for spec in sweep.axes.variants:
         variant, ordering_overrides = arm_spec(spec)
+        ordering_overrides += arm_overrides(sweep, ordering_overrides[0].partition("=")[2])
         for size in list(sweep.axes.sizes) or [base_size]:
             for seed in sweep.axes.seeds:
                 cfg = load_config([sweep.base], [*sweep.overrides, *extra, *ordering_overrides,

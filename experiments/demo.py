@@ -32,7 +32,11 @@ FID_SAMPLES = 200  # per arm, class-balanced, the FID callback's protocol (eval_
 
 
 def arm_config(variant: str, steps: int, out: str, extra: list[str] = (), vq_weights: str = ""):
-    """The demo preset with ``model.variant``; on the digits VQ's codes when ``vq_weights`` is given."""
+    """The demo preset with ``model.variant`` and the demo sweep's ``arm_overrides`` of that ordering (so the
+    sweep collects these runs: same config hash); on the digits VQ's codes when ``vq_weights`` is given."""
+    from experiments.ablate import arm_overrides, load_sweep
+
+    extra = [*arm_overrides(load_sweep(DEMO_SWEEP), variant), *extra]
     steps_override = [f"trainer.max_steps={steps}"] if steps else []  # 0 = the preset's (the sweep uses it too)
     presets, vq = ([DEMO_PRESET, VQ_OVERLAY], [f"tokenizer.path={vq_weights}"]) if vq_weights else ([DEMO_PRESET], [])
     name = f"{variant}_vq" if vq_weights else variant

@@ -44,14 +44,35 @@ def test_sweep_arms_expand_with_equal_compute():
     sweep = ablate.load_sweep(DEMO, ["out_dir=/nowhere"])
     arms = ablate.training_arms(sweep)
     assert [a.name for a in arms] == ["raster", "rar", "randar", "arpg"]
-    assert {(a.cfg.trainer.global_batch_size, a.cfg.trainer.max_steps) for a in arms} == {(32, 400)}
+    steps = arms[0].cfg.trainer.max_steps
+    assert {(a.cfg.trainer.global_batch_size, a.cfg.trainer.max_steps) for a in arms} == {(8, steps)}
     assert all(a.run_dir == os.path.join("/nowhere", a.name) for a in arms)
-    # the demo's own arms have the same config hash, so the sweep collects them instead of retraining
+    # the demo's own arms have the same config hash, so the sweep collects them instead of retraining; RAR's
+    # arm_overrides (its anneal) reach both
     from experiments.config import config_hash
     from experiments.demo import arm_config
 
     assert config_hash(arm_config("randar", 0, "/elsewhere")) == config_hash(arms[2].cfg)
-    assert config_hash(arm_config("randar", 400, "/elsewhere")) == config_hash(arms[2].cfg)
+    assert config_hash(arm_config("randar", steps, "/elsewhere")) == config_hash(arms[2].cfg)
+    assert config_hash(arm_config("rar", 0, "/elsewhere")) == config_hash(arms[1].cfg)
+    from lightning_modules.hparams import ModelConfig
+
+    assert list(sweep.arm_overrides) == ["rar"]
+    assert arms[1].cfg.model.rar_anneal_end != ModelConfig.rar_anneal_end  # the demo's anneal, not the paper's
+    assert {a.cfg.model.rar_anneal_end for a in arms if a.variant != "rar"} == {ModelConfig.rar_anneal_end}
+
+
+def test_arm_overrides_reach_only_their_ordering_and_a_wrong_name_is_refused():
+    from lightning_modules.hparams import ModelConfig
+
+    sweep = ablate.load_sweep(TINY, ["out_dir=/nowhere", "axes.variants=[raster,rar,rar@zcurve]",
+                                     "run_name='{variant}-s{seed}'", "arm_overrides={rar: [model.rar_anneal_end=0.6]}"])
+    assert [a.cfg.model.rar_anneal_end for a in ablate.training_arms(sweep)] == [ModelConfig.rar_anneal_end, 0.6, 0.6]
+    with pytest.raises(ConfigError, match="arm_overrides.rra"):
+        ablate.training_arms(ablate.load_sweep(TINY, ["arm_overrides={rra: [model.rar_anneal_end=0.6]}"]))
+    with pytest.raises(ConfigError, match="rar_anneal_end"):  # a key the ordering's arms do not read is refused
+        ablate.training_arms(ablate.load_sweep(TINY, ["axes.variants=[raster]",
+                                                      "arm_overrides={raster: [model.rar_anneal_end=0.6]}"]))
     seeds = ablate.training_arms(ablate.load_sweep(TINY, ["axes.seeds=[0,1]", "axes.sizes=[debug,small]"]))
     assert len(seeds) == 2 * 2 * 2 and len({a.name for a in seeds}) == 8
 

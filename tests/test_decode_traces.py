@@ -67,7 +67,9 @@ def test_forced_tokens_change_the_logits(arpg_trace):
     inputs["forced_tokens"] = (inputs["forced_tokens"] + 1) % arpg_trace["config"]["vocab_size"]
     report = run_trace({**arpg_trace, "inputs": inputs})
     assert "tokens" in report.failures() and "step1.logits_cond" in report.failures()
-    assert report["step0.logits_cond"] == 0.0  # step 0 sees only the class
+    # step 0 sees only the class: it still matches the trace (within the parity tolerance: other CPU kernels
+    # differ from the recording machine by ~1e-7)
+    assert "step0.logits_cond" not in report.failures() and report["step0.logits_cond"] < 1e-5
 
 
 @pytest.mark.parametrize("family", ["randar", "arpg"])

@@ -115,20 +115,27 @@ def study_eval(arm, protocol: dict, device: str = "", log=print) -> dict:
     return entry
 
 
-def run_record(arm, rows: list[dict], extra: dict, cfg_scale: float) -> tuple[dict, dict]:
-    """(deterministic record, timing record) of one run from its ablation rows and its study_eval entry."""
+def run_record(arm, rows: list[dict], extra: dict, cfg_scale: float, policies=()) -> tuple[dict, dict]:
+    """(deterministic record, timing record) of one run from its ablation rows and its study_eval entry.
+
+    ``policies``: the sweep's non-default ``axes.schedules`` (e.g. locality, halton); rows decoded with one of them
+    go to ``by_setting`` only, so the headline FID / class-consistency stay those of the ordering's own schedule."""
     mine = [r for r in rows if r["run"] == arm.name and r["cfg_scale"] == cfg_scale]
-    default = next((r for r in mine if r["decode_steps"] == extra["default_steps"]), {})
+    own = [r for r in mine if r["schedule"] not in policies]
+    default = next((r for r in own if r["decode_steps"] == extra["default_steps"]), {})
     m = arm.metrics
+    by_setting = {f"{r['schedule'] if r['schedule'] in policies else 'own'}@{r['decode_steps']}":
+                  {"fid": r["fid"], "class_consistency": r["class_consistency"]} for r in mine}
     record = {"arm": arm.variant, "seed": arm.seed, "run": arm.name, "val_nll": m["val_nll_bits"],
               "nll": extra["nll"], "nll_raster": extra["nll"].get("raster"),
               "nll_q": [m["metrics"].get(f"val/nll_by_order_q{q + 1}") for q in range(report.QUARTERS)],
               "fid": default.get("fid"), "class_consistency": default.get("class_consistency"),
               "inpaint_mse": extra["inpaint_mse"], "uncond_mse": extra["uncond_mse"],
               "inpaint_ratio": extra["inpaint_ratio"], "tokens_seen": m["tokens_seen"],
-              "default_steps": extra["default_steps"], "fid_by_steps": {str(r["decode_steps"]): r["fid"] for r in mine}}
+              "default_steps": extra["default_steps"], "fid_by_steps": {str(r["decode_steps"]): r["fid"] for r in own},
+              "by_setting": by_setting}
     timing = {"arm": arm.variant, "seed": arm.seed, "fit_seconds": m.get("fit_seconds"),
-              "images_per_s": {str(r["decode_steps"]): r["images_per_s"] for r in mine}}
+              "images_per_s": {str(r["decode_steps"]): r["images_per_s"] for r in own}}
     return record, timing
 
 
@@ -168,7 +175,8 @@ def run_one_sweep(name: str, overrides: list[str], extra: list[str], protocol: d
     done = [a for a in arms if a.metrics is not None]
     records, timing = [], []
     for arm in done:
-        rec, tim = run_record(arm, out["rows"], study_eval(arm, protocol, device, log), float(sweep.axes.cfg_scales[0]))
+        rec, tim = run_record(arm, out["rows"], study_eval(arm, protocol, device, log), float(sweep.axes.cfg_scales[0]),
+                              policies=[str(s) for s in sweep.axes.schedules if s])
         records.append(rec)
         timing.append(tim)
     return {"sweep": sweep, "arms": done, "rows": out["rows"], "records": records, "timing": timing,
@@ -219,7 +227,11 @@ def sweep_section(res: dict, pics: dict, doc_dir: str) -> str:
              "Per arm, mean ± 95% CI over seeds; FID and class-consistency at the arm's default decode steps, CFG "
              f"{float(sweep.axes.cfg_scales[0]):g} ({sweep.eval.fid_samples} samples); inpaint / unconditional < 1: "
              "the ordering uses the kept context. ≈: arms whose interval overlaps (not separated by these seeds).",
-             "", report.summary_table(res["summary"]), "", "### NLL by quarter of the generation order", "",
+             "", report.summary_table(res["summary"]), "",
+             "### FID and class-consistency by decode steps and order policy", "",
+             "`own`: the ordering's own schedule (the headline rows above); `locality` / `halton`: the same model "
+             "decoding its positions in that order (lightning_modules/order_policies.py). Mean ± 95% CI over seeds.",
+             "", report.settings_table(res["records"]), "", "### NLL by quarter of the generation order", "",
              report.quarter_table(res["summary"]), "", img("nll_quarters", "NLL by order quarter"), ""]
     if res["cross_order"]:
         parts += ["### Cross-order NLL (seed 0; rows: train order, columns: eval order)", "",

@@ -3,7 +3,8 @@
 Pure functions of the records ``experiments.study`` collects (no model, no training), so the aggregation and the
 doc-block replacement are unit-tested on fake rows. A record is one finished run (one arm, one seed):
   arm, seed, run, val_nll, nll {order: bits}, nll_q [q1..q4], fid, class_consistency, inpaint_mse, uncond_mse,
-  inpaint_ratio, tokens_seen, default_steps, fid_by_steps {steps: FID}
+  inpaint_ratio, tokens_seen, default_steps, fid_by_steps {steps: FID},
+  by_setting {"<policy>@<steps>": {fid, class_consistency}} (policy "own" = the ordering's own schedule)
 Timing (images/s, training seconds) lives in separate records: it is machine-dependent, so it never enters the
 bit-for-bit part of the report.
 """
@@ -106,6 +107,31 @@ def summary_table(summary: list[dict], fid_title: str = "FID") -> str:
 def quarter_table(summary: list[dict]) -> str:
     head = ["arm"] + [f"NLL q{q + 1} (bits/token)" for q in range(QUARTERS)]
     return _table(head, [[row["arm"]] + [cell(iv, 4) for iv in row["nll_q"]] for row in summary])
+
+
+def settings_table(records: list[dict]) -> str:
+    """One row per (arm, order policy), one column per decode-step count: "FID / class-consistency" mean ± CI."""
+    def steps_of(key):
+        return int(key.rpartition("@")[2])
+
+    keys = {k for r in records for k in r.get("by_setting", {})}
+    steps = sorted({steps_of(k) for k in keys})
+    policies = sorted({k.rpartition("@")[0] for k in keys}, key=lambda p: (p != "own", p))
+    body = []
+    for arm, rs in _arms(records).items():
+        for policy in policies:
+            cells = []
+            for n in steps:
+                vals = [r.get("by_setting", {}).get(f"{policy}@{n}") for r in rs]
+                if not any(vals):
+                    cells.append("—")
+                    continue
+                fid = interval([v["fid"] if v else None for v in vals])
+                cc = interval([v["class_consistency"] if v else None for v in vals])
+                cells.append(f"{cell(fid, 1)} / {cell(cc, 3)}")
+            if any(c != "—" for c in cells):
+                body.append([arm, policy] + cells)
+    return _table(["arm", "order policy"] + [f"FID / class-cons. @ {n} steps" for n in steps], body)
 
 
 def timing_table(timing: dict) -> str:

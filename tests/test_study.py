@@ -52,6 +52,37 @@ def test_one_seed_has_no_interval_and_a_missing_metric_is_na():
     assert json.dumps(study_report.to_json(summary))  # study.json can hold it
 
 
+def test_settings_table_keeps_policies_apart_and_own_first():
+    def setting(fid, cc):
+        return {"fid": fid, "class_consistency": cc}
+
+    records = [fake_record("A", s, 1.0, 10.0, by_setting={"own@8": setting(10.0 + s, 0.8), "halton@8": setting(
+        20.0 + s, 0.6), "own@16": setting(5.0, 0.9)}) for s in (0, 1)] + [
+        fake_record("R", 0, 1.0, 10.0, by_setting={"own@64": setting(7.0, 0.95)})]
+    lines = study_report.settings_table(records).splitlines()
+    assert lines[0] == "| arm | order policy | FID / class-cons. @ 8 steps | FID / class-cons. @ 16 steps | " \
+                       "FID / class-cons. @ 64 steps |"
+    a_own, a_halton, r_own = lines[2:]
+    assert a_own.startswith("| A | own | 10.5 ± ") and a_own.endswith("| — |")  # own before the policies
+    assert a_halton.startswith("| A | halton | 20.5 ± ") and "| — | — |" in a_halton  # halton only at 8 steps
+    assert r_own.startswith("| R | own | — | — | 7.0 (1 seed) / 0.950 (1 seed) |")  # no halton row for R
+
+
+def test_run_record_keeps_the_headline_on_the_own_schedule():
+    class FakeArm:
+        name, variant, seed = "arpg-s0", "arpg", 0
+        metrics = {"val_nll_bits": 2.0, "tokens_seen": 100, "metrics": {}, "fit_seconds": 1.0}
+
+    rows = [{"run": "arpg-s0", "cfg_scale": 4.0, "schedule": sched, "decode_steps": 16, "fid": fid,
+             "class_consistency": cc, "images_per_s": 9.0} for sched, fid, cc in (("arccos", 30.0, 0.8),
+                                                                                  ("halton", 20.0, 0.9))]
+    extra = {"nll": {"raster": 2.1}, "inpaint_mse": 0.1, "uncond_mse": 0.2, "inpaint_ratio": 0.5, "default_steps": 16}
+    rec, timing = study.run_record(FakeArm, rows, extra, 4.0, policies=["locality", "halton"])
+    assert (rec["fid"], rec["class_consistency"]) == (30.0, 0.8) and rec["fid_by_steps"] == {"16": 30.0}
+    assert rec["by_setting"] == {"own@16": {"fid": 30.0, "class_consistency": 0.8},
+                                 "halton@16": {"fid": 20.0, "class_consistency": 0.9}}
+
+
 def test_timing_is_aggregated_apart():
     timing = [{"arm": "A", "seed": s, "fit_seconds": 2.0 + s, "images_per_s": {"64": 10.0 + s}} for s in (0, 1)]
     agg = study_report.aggregate_timing(timing)

@@ -6,7 +6,8 @@
 Each arm is a debug preset trained through the same path the CLI takes (load_config -> build -> Trainer.fit), on
 one thread with deterministic kernels, for ``STEPS`` steps; the loss of every step is recorded as a float hex
 string, so equality is bit-exact. Then fixed-seed codes are sampled in official and consistent mode, with CFG,
-and with the locality order where the ordering supports it.
+and with the locality order where the ordering supports it. The record carries the kernel set it was taken on
+(tests/kernel_set.py): bit-exact there, within rounding on another CPU.
 """
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ def main(argv=None) -> int:
     result = compute(a.out_dir)
     if a.write:
         os.makedirs(os.path.dirname(FROZEN), exist_ok=True)
+        from kernel_set import kernel_set
+
         with open(FROZEN, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
+            json.dump({"kernel_set": kernel_set(), "arms": result}, f, indent=1, sort_keys=True)
         print(f"wrote {FROZEN}")
     else:
         print(json.dumps({k: v["losses"] for k, v in result.items()}, indent=1))

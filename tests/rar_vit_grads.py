@@ -45,9 +45,10 @@ def summary(t: torch.Tensor) -> dict:
 
 
 if __name__ == "__main__":
+    from kernel_set import kernel_set
+
     torch.set_num_threads(1)
     with open(RECORD, "w") as f:
         # the CPU kernel set decides reduction orders: bit identity is only expected on the same one
-        json.dump({"cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                   **{v: loss_and_grads(v) for v in ("raster", "rar")}}, f)
+        json.dump({**kernel_set(), **{v: loss_and_grads(v) for v in ("raster", "rar")}}, f)
     print(f"wrote {RECORD}")

@@ -1,14 +1,14 @@
 """Backbone speed edits keep the RAR-ViT training numerics: loss and every parameter's gradient of one seeded
 forward/backward (dropout on) equal the record taken before the edits (tests/rar_vit_grads.py): within 1e-5 of the
 gradient's scale everywhere (another CPU kernel set, e.g. AVX2 vs AVX512, reorders reductions: seen 1.7e-6), and bit
-for bit on the kernel set the record was taken on (``cpu_capability`` in the record), where that is what holds."""
+for bit on the kernel set the record was taken on (``tests/kernel_set.py``), where that is what holds."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
+from kernel_set import same_kernel_set
 from rar_vit_grads import RECORD, loss_and_grads
 
 
@@ -34,5 +34,5 @@ def test_rar_vit_loss_and_gradients_equal_the_record(variant, record, one_thread
         scale = max(w["l2"], 1e-3)
         for stat in ("sum", "l2", "proj"):
             assert abs(g[stat] - w[stat]) <= 1e-5 * scale, f"{variant}: {name}.grad {stat} moved"
-    if record["cpu_capability"] == torch.backends.cpu.get_cpu_capability():
+    if same_kernel_set(record):
         assert got["loss"] == want["loss"] and not differ, f"{variant}: not bit-identical: {differ}"

@@ -119,15 +119,15 @@ def load_sweep(path: str, overrides: list[str] = ()) -> DictConfig:
     return sweep
 
 
-def arm_spec(spec: str) -> tuple[str, list[str]]:
-    """An axes.variants entry -> (its label for run names and tables, its config overrides).
+def arm_spec(spec: str) -> tuple[str, str, list[str]]:
+    """An axes.variants entry -> (its label for run names and tables, its ordering, its config overrides).
 
-    "randar" -> ("randar", [model.variant=randar]); "scan@hilbert" -> ("scan-hilbert", [model.variant=scan,
-    model.scan=hilbert]): a scan is part of the ordering axis, so scans and orderings sweep as one. ("@", not ":",
+    "randar" -> ("randar", "randar", [model.variant=randar]); "scan@hilbert" -> ("scan-hilbert", "scan",
+    [model.variant=scan, model.scan=hilbert]): a scan is part of the ordering axis, so scans and orderings sweep as one. ("@", not ":",
     so that the entries stay plain YAML in a flow list: axes.variants=[raster,scan@hilbert].)"""
     variant, _, scan = str(spec).partition("@")
     overrides = [f"model.variant={variant}"] + ([f"model.scan={scan}"] if scan else [])
-    return (f"{variant}-{scan}" if scan else variant), overrides
+    return (f"{variant}-{scan}" if scan else variant), variant, overrides
 
 
 def arm_overrides(sweep: DictConfig, ordering: str) -> list[str]:
@@ -148,8 +148,8 @@ def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
     # caller's model.size=... is not silently replaced by the preset's)
     base_size = load_config([sweep.base], [*sweep.overrides, *extra]).model.size
     for spec in sweep.axes.variants:
-        variant, ordering_overrides = arm_spec(spec)
-        ordering_overrides += arm_overrides(sweep, ordering_overrides[0].partition("=")[2])
+        variant, ordering, ordering_overrides = arm_spec(spec)
+        ordering_overrides += arm_overrides(sweep, ordering)
         for size in list(sweep.axes.sizes) or [base_size]:
             for seed in sweep.axes.seeds:
                 cfg = load_config([sweep.base], [*sweep.overrides, *extra, *ordering_overrides,

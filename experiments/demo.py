@@ -31,12 +31,13 @@ DEMO_SWEEP = os.path.join(CONFIGS, "sweeps", "demo.yaml")  # its axes.variants a
 FID_SAMPLES = 200  # per arm, class-balanced, the FID callback's protocol (eval_plan)
 
 
-def arm_config(variant: str, steps: int, out: str, extra: list[str] = (), vq_weights: str = ""):
+def arm_config(variant: str, steps: int, out: str, extra: list[str] = (), vq_weights: str = "", sweep=None):
     """The demo preset with ``model.variant`` and the demo sweep's ``arm_overrides`` of that ordering (so the
-    sweep collects these runs: same config hash); on the digits VQ's codes when ``vq_weights`` is given."""
+    sweep collects these runs: same config hash); on the digits VQ's codes when ``vq_weights`` is given.
+    ``sweep``: the loaded demo sweep, so a caller building many arms reads it once (default: load it here)."""
     from experiments.ablate import arm_overrides, load_sweep
 
-    extra = [*arm_overrides(load_sweep(DEMO_SWEEP), variant), *extra]
+    extra = [*arm_overrides(sweep if sweep is not None else load_sweep(DEMO_SWEEP), variant), *extra]
     steps_override = [f"trainer.max_steps={steps}"] if steps else []  # 0 = the preset's (the sweep uses it too)
     presets, vq = ([DEMO_PRESET, VQ_OVERLAY], [f"tokenizer.path={vq_weights}"]) if vq_weights else ([DEMO_PRESET], [])
     name = f"{variant}_vq" if vq_weights else variant
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("ROAR_DEMO_THREADS", 0)) or max(1, os.cpu_count() or 1))
     from omegaconf import OmegaConf
 
-    from experiments.ablate import FidScorer, SweepEval
+    from experiments.ablate import FidScorer, SweepEval, load_sweep
     from experiments.checkpoints import load_generator
     from experiments.train import run
     from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
     vq_variants = [v for v in a.vq_variants.split(",") if v]
     vq_weights = ensure_digits_vq(a.vq_dir) if vq_variants else ""
     arms = [(v, "") for v in a.variants.split(",")] + [(v, vq_weights) for v in vq_variants]
+    sweep = load_sweep(DEMO_SWEEP)
     for variant, weights in arms:
-        cfg = arm_config(variant, a.steps, a.out, vq_weights=weights)
+        cfg = arm_config(variant, a.steps, a.out, vq_weights=weights, sweep=sweep)
         print(f"demo: training {cfg.name} ({cfg.trainer.max_steps} steps, global batch "
               f"{cfg.trainer.global_batch_size}, tokenizer {cfg.tokenizer.kind})", flush=True)
         result = run(cfg, quiet=True)

@@ -151,14 +151,15 @@ def _kv_cache_logits(module, tokens, labels, order) -> torch.Tensor:
 
 
 def _generator_outputs(fx: dict, report: ParityReport) -> None:
-    fam, inp, out = fx["family"], fx["inputs"], fx["outputs"]
+    inp, out = fx["inputs"], fx["outputs"]
     module = build_official_generator(fx)
     tokens, labels = inp["tokens"].long(), inp["class_labels"].long()
     B, N = tokens.shape
     raster = torch.arange(N).expand(B, -1)
-    if fam == "rar":
-        # One weight set, two orders: r = 1 (the file's random permutations) and r = 0 (raster). Official logits
-        # have N + 1 slots; the last one follows the last token and predicts nothing, so slots [:N] are compared.
+    # What is compared follows the fixture's layout, not its family name. Two orders over one weight set (RAR's:
+    # r = 1, the file's random permutations, and r = 0, raster): official logits have N + 1 slots; the last one
+    # follows the last token and predicts nothing, so slots [:N] are compared.
+    if any(part in out for part in ("random", "raster")):
         if "condition_ids" in inp:
             report.mismatches("condition_ids", module.backbone.class_ids(labels), inp["condition_ids"])
         for part in ("random", "raster"):
@@ -175,7 +176,7 @@ def _generator_outputs(fx: dict, report: ParityReport) -> None:
                 report.diff(f"{part}.logits_kvcache", _kv_cache_logits(module, tokens, labels, order),
                             ref["logits_kvcache"])
         return
-    order = raster if fam == "llamagen_gpt" else inp["token_order"].long()
+    order = inp["token_order"].long() if "token_order" in inp else raster  # no order in the file: raster
     logits, targets = _teacher_forced(module, tokens, labels, order)
     report.diff("logits", logits, out["logits"])
     if "targets_permuted" in inp:

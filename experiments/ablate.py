@@ -123,8 +123,8 @@ def arm_spec(spec: str) -> tuple[str, str, list[str]]:
     """An axes.variants entry -> (its label for run names and tables, its ordering, its config overrides).
 
     "randar" -> ("randar", "randar", [model.variant=randar]); "scan@hilbert" -> ("scan-hilbert", "scan",
-    [model.variant=scan, model.scan=hilbert]): a scan is part of the ordering axis, so scans and orderings sweep as one. ("@", not ":",
-    so that the entries stay plain YAML in a flow list: axes.variants=[raster,scan@hilbert].)"""
+    [model.variant=scan, model.scan=hilbert]): a scan is part of the ordering axis, so scans and orderings sweep as
+    one. ("@", not ":", so that the entries stay plain YAML in a flow list: axes.variants=[raster,scan@hilbert].)"""
     variant, _, scan = str(spec).partition("@")
     overrides = [f"model.variant={variant}"] + ([f"model.scan={scan}"] if scan else [])
     return (f"{variant}-{scan}" if scan else variant), variant, overrides

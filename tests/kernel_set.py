@@ -3,20 +3,9 @@ another CPU model under the same dispatch) reorder reductions, so the same code 
 a record is bit-exact only on its own kernel set and is compared within rounding elsewhere."""
 from __future__ import annotations
 
-import platform
-
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from experiments.bench import cpu_model
 
 
 def kernel_set() -> dict:

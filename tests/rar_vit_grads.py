@@ -1,5 +1,5 @@
 """Loss and gradients of one RAR-ViT training forward/backward (dropout on, seeded), for the before/after check of
-backbone speed edits (tests/test_rar_vit_speed.py). ``python tests/rar_vit_grads.py`` rewrites the record."""
+backbone speed edits (tests/test_rar_vit_grads.py). ``python tests/rar_vit_grads.py --write`` rewrites the record."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,10 @@ def summary(t: torch.Tensor) -> dict:
 if __name__ == "__main__":
     from kernel_set import kernel_set
 
+    if sys.argv[1:] != ["--write"]:  # the record is the reference: rewrite it only when asked to
+        print(f"usage: python {os.path.relpath(__file__)} --write   (rewrites {os.path.relpath(RECORD)})",
+              file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(1)
     with open(RECORD, "w") as f:
         # the CPU kernel set decides reduction orders: bit identity is only expected on the same one

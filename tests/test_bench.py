@@ -52,6 +52,26 @@ def test_cli_all_sections_write_json_and_markdown(tmp_path):
         assert heading in md
 
 
+def test_peak_is_measured_only_for_the_dtypes_the_run_times(tmp_path, monkeypatch):
+    """An fp32 bench must not measure a bf16 peak: on an AVX2-only CPU that one matmul at n = 4096 took minutes."""
+    import experiments.bench as bench
+
+    asked = []
+    real = bench.matmul_gflops
+    monkeypatch.setattr(bench, "matmul_gflops", lambda device, dtypes, *rest: asked.append(tuple(dtypes)) or
+                        real(device, dtypes, *rest))
+    common = ["--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0", "--peak-sizes",
+              "64", "--threads", "1", "--variants", "raster"]
+    assert bench_main(["train", *common, "--out", str(tmp_path / "t.json")]) == 0
+    assert asked == [("fp32",), ("fp32",)]  # before and after the timed section
+    assert "bf16" not in json.load(open(tmp_path / "t.json"))["peak_before"]["matmul_peak"]
+    asked.clear()
+    assert bench_main(["train", *common, "--dtype", "bf16", "--out", str(tmp_path / "b.json")]) == 0
+    assert asked == [("bf16",), ("bf16",)]
+    row = json.load(open(tmp_path / "b.json"))["train"]["results"][0]
+    assert row["dtype"] == "bf16" and "mfu" in row  # the MFU still finds its peak
+
+
 # ---------------------------------------------------------------------------------------------- no-cache reference
 @pytest.mark.parametrize("variant,flavour", VALID)
 def test_nocache_reference_matches_cached_sampler(variant, flavour):

@@ -56,10 +56,13 @@ def test_peak_is_measured_only_for_the_dtypes_the_run_times(tmp_path, monkeypatc
     """An fp32 bench must not measure a bf16 peak: on an AVX2-only CPU that one matmul at n = 4096 took minutes."""
     import experiments.bench as bench
 
-    asked = []
-    real = bench.matmul_gflops
-    monkeypatch.setattr(bench, "matmul_gflops", lambda device, dtypes, *rest: asked.append(tuple(dtypes)) or
-                        real(device, dtypes, *rest))
+    asked, real = [], bench.matmul_gflops
+
+    def recording(device, dtypes, *rest):
+        asked.append(tuple(dtypes))
+        return real(device, dtypes, *rest)
+
+    monkeypatch.setattr(bench, "matmul_gflops", recording)
     common = ["--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0", "--peak-sizes",
               "64", "--threads", "1", "--variants", "raster"]
     assert bench_main(["train", *common, "--out", str(tmp_path / "t.json")]) == 0

@@ -8,13 +8,31 @@ import torch
 from experiments.bench import cpu_model
 
 
+def cpu_generation() -> str:
+    """"family/model" from /proc/cpuinfo: a VM's model name can be as bare as "AMD EPYC" for several generations
+    (an AVX-512 Zen 5 and an older AVX-512 EPYC rounded the same RAR-ViT gradients differently)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                    fields[key.strip()] = value.strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+
+
 def kernel_set() -> dict:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model(),
-            "torch": torch.__version__}
+            "cpu_generation": cpu_generation(), "torch": torch.__version__}
 
 
 def same_kernel_set(record: dict) -> bool:
-    """True when every kernel-set field the record carries equals this machine's (older records carry fewer)."""
+    """True when every kernel-set field the record carries equals this machine's (older records carry fewer). A
+    record that does not name its CPU model cannot claim bit identity: it is compared within rounding only."""
     here = kernel_set()
     keys = [k for k in here if k in record]
-    return bool(keys) and all(record[k] == here[k] for k in keys)
+    return "cpu_model" in record and all(record[k] == here[k] for k in keys)

@@ -92,7 +92,8 @@ def _fmt(v) -> str:
 
 TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "compile", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
               "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
-SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "compile", "kv_cache", "seconds",
+SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "compile", "kernels", "kv_cache",
+               "seconds",
                "seconds_min", "cpu_s", "first_call_s", "images_per_s", "speedup_vs_raster", "speedup_cpu",
                "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "load"]
 
@@ -109,7 +110,8 @@ def markdown(results: dict) -> str:
     for key in ("peak_before", "peak_after"):
         if key in results:
             peaks = results[key]["matmul_peak"]
-            text = ", ".join(f"{k} {v['gflops']} GFLOP/s {v['per_n']} ({v['gflops_per_cpu_s']} per CPU-s)"
+            text = ", ".join(f"{k} {v['gflops']} GFLOP/s {v['per_n']} ({v['gflops_per_cpu_s']} per CPU-s; by library "
+                             f"{v.get('by_library', {})})"
                              for k, v in peaks.items())
             lines.append(f"- matmul peak ({key.split('_')[1]}, load {results[key]['load_average']}): {text}")
     if "gpu_tests" in results:
@@ -173,6 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp32", help="sample: sample.precision values to time (fp32,bf16)")
     p.add_argument("--sample-compile", default="off", help="sample: sample.compile values to time (off,on,static; "
                                                              "speedup_vs_eager compares each with off)")
+    p.add_argument("--kernels", default="auto", help="sample: sample.kernels values to time (aten,onednn,auto; "
+                                                      "speedup_vs_eager compares each with compile off + aten)")
     p.add_argument("--cfgs", default="", help="sample: CFG scales to time (default 1,4)")
     p.add_argument("--nocache", default="default", help="sample: no-KV-cache reference at 'default' steps, 'all', "
                                                          "or 'off'")
@@ -262,6 +266,7 @@ def run(a, argv) -> int:
                                          warmup=a.warmup, device=a.device, grid=a.grid, vocab=a.vocab, sweep=steps,
                                          no_sweep=no_sweep, nocache=a.nocache, draws=a.draws.split(","),
                                          precisions=a.precisions.split(","), compiles=a.sample_compile.split(","),
+                                         kernels=a.kernels.split(","),
                                          cfgs=[float(c) for c in a.cfgs.split(",")] if a.cfgs else None)
         results["peak_after"] = matmul_peak(a.device, dtypes, peak_sizes)
         add_mfu(results)
@@ -310,7 +315,8 @@ def add_mfu(results: dict) -> None:
     for r in sample:  # the issue's sampling MFU target: batch 8 at >= 0.7 of the matmul peak
         if r.get("batch") == 8 and "mfu" in r:
             key = (f"{r['variant']} {r['steps']} steps, {r['size']}, batch 8, cfg {r['cfg']:g}, {r['draw']}, "
-                   f"{r.get('precision', 'fp32')}, compile {r.get('compile', 'off')} MFU")
+                   f"{r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}, kernels {r.get('kernels', 'aten')}"
+                   " MFU")
             met = "met" if r["mfu"] >= 0.7 else "NOT met"
             results["sample"].setdefault("targets", {})[key] = (f"{r['mfu']} (target 0.7: {met}; CPU-time MFU "
                                                                 f"{r.get('mfu_cpu', '-')})")

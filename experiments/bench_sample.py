@@ -118,11 +118,14 @@ class NoCacheBackbone:
 
 
 class NoCacheModule:
-    """The module as the sampling loop sees it, with the backbone swapped for the cache-less reference."""
+    """The module as the sampling loop sees it, with the backbone swapped for the cache-less reference (around the
+    sampling copy of ``kernels``: generate's own sampling_backbone then finds nothing left to pack)."""
 
-    def __init__(self, module):
+    def __init__(self, module, kernels: str = "aten"):
+        from lightning_modules.sampling import sampling_backbone
+
         self.module = module
-        self.backbone = NoCacheBackbone(module.backbone)
+        self.backbone = NoCacheBackbone(sampling_backbone(module.backbone, "fp32", kernels))
 
     def __getattr__(self, name):
         return getattr(self.module, name)
@@ -131,7 +134,7 @@ class NoCacheModule:
 @torch.no_grad()
 def sample_nocache(module, labels, settings, generator=None, **kwargs) -> torch.Tensor:
     """``generate`` without a KV cache (benchmark reference): codes long [B, N] in raster order."""
-    return generate(NoCacheModule(module), labels, settings, generator, **kwargs)
+    return generate(NoCacheModule(module, settings.kernels), labels, settings, generator, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -182,9 +185,10 @@ def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tu
 
 def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, warmup=1, device="cpu", grid=16,
                  vocab=16384, sweep=(), no_sweep=False, nocache="default", draws=("multinomial", "inverse_cdf"),
-                 precisions=("fp32",), compiles=("off",), cfgs=None, cfg_scale=4.0, seed=0,
+                 precisions=("fp32",), compiles=("off",), kernels=("auto",), cfgs=None, cfg_scale=4.0, seed=0,
                  memory: bool = False) -> dict:
-    """Per size: round-robin over every (variant, batch, steps, cfg, draw, precision, compile, cache) setting, so a
+    """Per size: round-robin over every (variant, batch, steps, cfg, draw, precision, compile, kernels, cache)
+    setting, so a
     load change on a shared machine hits all alike; median seconds of ``repeat`` after ``warmup`` (at least one
     warm-up call where a compiled step is timed: it compiles; its seconds are ``first_call_s``). The no-cache
     reference runs at the headline steps with CFG off and the first draw ("default"), everywhere ("all"), or never
@@ -203,18 +207,19 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                         for draw in draws:
                             for precision in precisions:
                                 for comp in compiles:
-                                    runs.append((v, batch, steps, cfg, draw, precision, comp, True))
+                                    for kern in kernels:
+                                        runs.append((v, batch, steps, cfg, draw, precision, comp, kern, True))
                         if nocache == "all" or (nocache == "default" and head and cfg == 1.0):
-                            runs.append((v, batch, steps, cfg, draws[0], "fp32", "off", False))  # reference
+                            runs.append((v, batch, steps, cfg, draws[0], "fp32", "off", kernels[0], False))  # ref.
 
-        def settings(v, batch, steps, cfg, draw, precision, comp):
+        def settings(v, batch, steps, cfg, draw, precision, comp, kern):
             return modules[v].sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw, precision=precision,
-                                              compile=comp)
+                                              compile=comp, kernels=kern)
 
-        def run(v, batch, steps, cfg, draw, precision, comp, cache):
+        def run(v, batch, steps, cfg, draw, precision, comp, kern, cache):
             m = modules[v]
             labels = torch.arange(batch, device=device) % m.backbone.num_classes
-            s = settings(v, batch, steps, cfg, draw, precision, comp)
+            s = settings(v, batch, steps, cfg, draw, precision, comp, kern)
             (generate if cache else sample_nocache)(m, labels, s, make_generator(seed, device))
 
         first = {}
@@ -228,7 +233,7 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
         flops = {}
         for r in runs:
             if r[:4] not in flops:
-                flops[r[:4]] = generation_flops(modules[r[0]], r[1], settings(*r[:7]), seed)["total"]
+                flops[r[:4]] = generation_flops(modules[r[0]], r[1], settings(*r[:8]), seed)["total"]
         times = {r: [] for r in runs}
         for _ in range(repeat):
             for r in runs:
@@ -244,11 +249,12 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
             for r in runs:
                 mem[r] = peak_memory(lambda: run(*r), device)[0]
         for r, tc in times.items():
-            v, batch, steps, cfg, draw, precision, comp, cache = r
+            v, batch, steps, cfg, draw, precision, comp, kern, cache = r
             ts = [t for t, _ in tc]
             med = statistics.median(ts)
             row = {"variant": v, "size": size, "flavour": flavour, "batch": batch, "steps": steps, "cfg": cfg,
-                   "draw": draw, "precision": precision, "compile": comp, "kv_cache": cache, "seconds": round(med, 4),
+                   "draw": draw, "precision": precision, "compile": comp, "kernels": kern, "kv_cache": cache,
+                   "seconds": round(med, 4),
                    "seconds_min": round(min(ts), 4), "seconds_all": [round(t, 4) for t in ts],
                    "cpu_s": round(statistics.median(c for _, c in tc), 4), "images_per_s": round(batch / med, 3),
                    "load": load_average()[:1]}
@@ -261,7 +267,7 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 row["gflops"] = round(flops[r[:4]] / med / 1e9, 3)
             rows.append(row)
             print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} {precision} compile {comp} "
-                  f"cache {cache}: {med:.3f} s, {batch / med:.2f} images/s", flush=True)
+                  f"kernels {kern} cache {cache}: {med:.3f} s, {batch / med:.2f} images/s", flush=True)
         del modules
     add_speedups(rows, n)
     return {"results": rows, "targets": targets(rows, n), "load_average": load_average(),
@@ -271,21 +277,24 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                     "samplers); "
                     "draw = sample.draw (multinomial: torch.multinomial, the reference stream; inverse_cdf: "
                     "one uniform per token); compile = sample.compile (off: the eager loop; on: the compiled "
-                    "static step; static: the static step uncompiled); speedup_vs_raster = raster N-step seconds / "
-                    "seconds at the same size, batch, CFG, draw, precision and compile (both cached); "
-                    "speedup_vs_eager = the same setting with compile off / this; gflop = model FLOPs of one "
+                    "static step; static: the static step uncompiled); kernels = sample.kernels (aten: torch's "
+                    "linears; onednn: every linear prepacked for oneDNN; auto: the big ones on a CPU); "
+                    "speedup_vs_raster = raster N-step seconds / seconds at the same size, batch, CFG, draw, "
+                    "precision, compile and kernels (both cached); speedup_vs_eager = the eager loop (compile off, "
+                    "kernels aten) at the same setting / this; gflop = model FLOPs of one "
                     "generation from its decode plan (CFG's doubled batch included), mfu = gflops / the matmul "
                     "peak of the precision"}
 
 
 def add_speedups(rows: list[dict], n: int) -> None:
     """speedup_vs_raster = raster's cached N-step seconds / this row's seconds (same size, batch, CFG, draw,
-    precision, compile); speedup_vs_eager = the same setting's seconds with sample.compile=off / this row's."""
+    precision, compile, kernels); speedup_vs_eager = the eager loop's seconds (sample.compile=off with torch's own
+    kernels, sample.kernels=aten: the reference) at the same setting / this row's."""
     key = lambda r: (r["size"], r["batch"], r["cfg"], r["draw"], r.get("precision", "fp32"),  # noqa: E731
-                     r.get("compile", "off"))
+                     r.get("compile", "off"), r.get("kernels", "aten"))
     base = {key(r): r for r in rows if r["variant"] == "raster" and r["kv_cache"] and r["steps"] == n}
     same = lambda r: (r["variant"], r["steps"], *key(r)[:5], r["kv_cache"])  # noqa: E731
-    eager = {same(r): r for r in rows if r.get("compile", "off") == "off"}
+    eager = {same(r): r for r in rows if r.get("compile", "off") == "off" and r.get("kernels", "aten") == "aten"}
     for r in rows:
         if key(r) in base:
             r["speedup_vs_raster"] = round(base[key(r)]["seconds"] / r["seconds"], 2)
@@ -300,11 +309,13 @@ def add_speedups(rows: list[dict], n: int) -> None:
 
 def targets(rows: list[dict], n: int) -> dict:
     """The issue's sampling targets (cached rows): ARPG 32-of-256 steps >= 8x raster, RandAR 88-of-256 >= 2.5x;
-    with a compiled step (sample.compile on/static), every ordering >= 2x the eager loop at batch 1. The MFU
+    on the fast settings (sample.compile on/static, sample.kernels auto/onednn), every ordering >= 2x the eager
+    loop at batch 1. The MFU
     target (batch 8 >= 0.7 of the matmul peak) is added by bench.add_mfu once the peak is known."""
     out = {}
     name = lambda r: (f"{r['variant']} {r['steps']} steps, {r['size']}, batch {r['batch']}, cfg {r['cfg']:g}, "  # noqa
-                      f"{r['draw']}, {r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}")
+                      f"{r['draw']}, {r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}, "
+                      f"kernels {r.get('kernels', 'aten')}")
     for variant, steps, goal in (("arpg", scaled(32, n), 8.0), ("randar", scaled(88, n), 2.5)):
         for r in rows:
             if r["variant"] == variant and r["steps"] == steps and r["kv_cache"] and "speedup_vs_raster" in r:

@@ -88,7 +88,7 @@ READERS: dict[str, str | When | None] = {
                                         "limit_val_batches", "log_every_steps", "ckpt_every_steps", "compile",
                                         "deterministic", "fast_dev_run", "collective_timeout_s", "stop_grace_s")},
     **{f"sample.{k}": ALWAYS for k in ("num_steps", "schedule", "cfg_scale", "cfg_schedule", "temperature", "top_k",
-                                       "top_p", "mode", "draw", "precision", "compile")},
+                                       "top_p", "mode", "draw", "precision", "compile", "kernels")},
     "sample.cfg_power": _schedule("pow_cosine"), "sample.cfg_start": _schedule("linear"),
     "callbacks.ema_decay": ALWAYS, "callbacks.sample_every_steps": ALWAYS, "callbacks.order_map_every_steps": ALWAYS,
     "callbacks.sample_classes": GRID_OR_MAP, "callbacks.sample_per_class": GRID,

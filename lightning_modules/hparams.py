@@ -25,6 +25,7 @@ SampleMode = Literal["official", "consistent"]
 Draw = Literal["", "multinomial", "inverse_cdf"]
 SamplePrecision = Literal["", "fp32", "bf16"]
 Compile = Literal["auto", "on", "off"]  # lightning_modules/sampling.py::fast_path
+Kernels = Literal["auto", "aten", "onednn"]  # lightning_modules/sampling.py::pack_threshold
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SampleConfig:  # empty / 0 = the ordering's default
     draw: Draw = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
     precision: SamplePrecision = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights)
     compile: Compile = "auto"  # the fast decode path: auto (on with CUDA, off on a CPU) | on | off (the eager loop)
+    kernels: Kernels = "auto"  # the linears' kernels: auto (oneDNN prepacked for big linears on a CPU) | aten | onednn
 
 
 # Sample fields whose empty value means "the ordering's default" (the others always come from the config).

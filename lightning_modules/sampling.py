@@ -64,35 +64,65 @@ class SampleSettings:
     draw: str = "multinomial"  # multinomial (the reference random stream) | inverse_cdf (fast on CPU; see below)
     precision: str = "fp32"  # fp32 | bf16: the backbone's weights and activations while sampling (sampling_backbone)
     compile: str = "auto"  # auto | on | off | static: the fast decode path (lightning_modules/fast_decode.py)
+    kernels: str = "auto"  # auto | aten | onednn: the linears' kernels while sampling (sampling_backbone)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
 COMPILE = ("auto", "on", "off", "static")  # static: the fast loop without torch.compile (tests, measurements)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+KERNELS = ("auto", "aten", "onednn")
+_SAMPLING_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-def sampling_backbone(backbone: nn.Module, precision: str) -> nn.Module:
-    """The backbone to sample with: itself for fp32, else a copy whose *parameters* are cast (bf16, as the official
-    LlamaGen / RandAR / ARPG samplers cast their GPT). Buffers stay fp32 (RoPE angles), and the norms and RoPE
-    compute in fp32 as in training. A copy, not an in-place cast, because casting the trained fp32 weights would
-    lose their low bits for good. It is cached per backbone and rebuilt when any parameter changed since (an
-    optimizer step, an EMA swap or a load bumps the tensors' version counters)."""
+def pack_threshold(kernels: str, device, dtype: torch.dtype) -> int | None:
+    """sample.kernels -> the smallest linear (weight entries) the sampling copy prepacks for oneDNN, or None for
+    none (torch's own kernels). auto: oneDNN on a CPU that runs it, for the linears big enough to win
+    (nn/onednn.py: AUTO_MIN_ENTRIES); aten everywhere else (on CUDA cuBLAS is the kernel). onednn: every linear,
+    or one line saying why it cannot run here."""
+    from lightning_modules.nn import onednn
+
+    if kernels not in KERNELS:
+        raise ValueError(f"sample.kernels: unknown kernels {kernels!r} (choose from {list(KERNELS)})")
+    if kernels == "aten":
+        return None
+    why = onednn.unavailable(device, dtype)
+    if kernels == "onednn" and why is not None:
+        raise ValueError(f"sample.kernels=onednn: {why}")
+    if why is not None:
+        return None
+    return 0 if kernels == "onednn" else onednn.AUTO_MIN_ENTRIES
+
+
+def sampling_backbone(backbone: nn.Module, precision: str, kernels: str = "aten") -> nn.Module:
+    """The backbone to sample with: itself for fp32 with torch's kernels, else a copy whose *parameters* are cast
+    (bf16, as the official LlamaGen / RandAR / ARPG samplers cast their GPT) and whose big linears are prepacked for
+    oneDNN (``pack_threshold``; nn/onednn.py). Buffers stay fp32 (RoPE angles), and the norms and RoPE compute in
+    fp32 as in training. A copy, not an in-place change, because casting the trained fp32 weights would lose their
+    low bits for good, and packed weights cannot train. It is cached per backbone and rebuilt when any parameter
+    changed since (an optimizer step, an EMA swap or a load bumps the tensors' version counters)."""
+    from lightning_modules.nn.onednn import packed_replacements
+
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision: unknown precision {precision!r} (choose from {list(PRECISIONS)})")
     dtype = PRECISIONS[precision]
     params = list(backbone.parameters())
-    if all(p.dtype == dtype for p in params):
+    threshold = pack_threshold(kernels, params[0].device, dtype)
+    if threshold is not None and not any(isinstance(m, nn.Linear) and m.weight.numel() >= threshold
+                                         for m in backbone.modules()):
+        threshold = None  # nothing big enough to pack (auto on a small model): the same as aten
+    if threshold is None and all(p.dtype == dtype for p in params):
         return backbone
-    key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
-    cached = _LOW_PRECISION_COPIES.get(backbone)
+    key = (dtype, threshold, tuple((p.data_ptr(), p._version) for p in params))
+    cached = _SAMPLING_COPIES.get(backbone)
     if cached is not None and cached[0] == key:
         return cached[1]
-    low = copy.deepcopy(backbone).eval()
-    for p in low.parameters():
+    _SAMPLING_COPIES.pop(backbone, None)  # the stale copy goes before the new one is built (peak memory)
+    memo = {} if threshold is None else packed_replacements(backbone, dtype, threshold)
+    copied = copy.deepcopy(backbone, memo).eval()
+    for p in copied.parameters():
         p.data = p.data.to(dtype)
-    _LOW_PRECISION_COPIES[backbone] = (key, low)
-    return low
+    _SAMPLING_COPIES[backbone] = (key, copied)
+    return copied
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -186,7 +216,7 @@ def generate(model, labels: torch.Tensor, settings: SampleSettings, generator: t
     order: an explicit decode order [B, N] (known positions first), overriding the ordering's own draw.
     """
     ordering = model.ordering
-    backbone = sampling_backbone(model.backbone, settings.precision)
+    backbone = sampling_backbone(model.backbone, settings.precision, settings.kernels)
     B, N = labels.shape[0], backbone.num_positions
     device = labels.device
     plan = ordering.decode_plan(B, settings.num_steps, settings.schedule, generator, known, order, device)

@@ -75,6 +75,32 @@ def test_peak_is_measured_only_for_the_dtypes_the_run_times(tmp_path, monkeypatc
     assert row["dtype"] == "bf16" and "mfu" in row  # the MFU still finds its peak
 
 
+def test_cli_times_each_kernel_setting_against_the_eager_reference(tmp_path):
+    """--kernels and --sample-compile are axes: every fast row is compared with compile off + aten (the reference
+    eager loop), and the matmul peak is the best library's (oneDNN beside torch's matmul on a CPU)."""
+    from lightning_modules.nn.onednn import unavailable
+
+    if unavailable("cpu", torch.float32):
+        pytest.skip(unavailable("cpu", torch.float32))
+    out = str(tmp_path / "k.json")
+    assert bench_main(["sample", "--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0",
+                       "--peak-sizes", "64", "--no-sweep", "--batch", "1", "--draws", "multinomial", "--threads", "1",
+                       "--cfgs", "4", "--variants", "raster,arpg", "--kernels", "aten,onednn",
+                       "--sample-compile", "off,static", "--out", out]) == 0
+    res = json.load(open(out))
+    peak = res["peak_before"]["matmul_peak"]["fp32"]
+    assert set(peak["by_library"]) == {"aten", "onednn"} and peak["gflops"] == max(peak["by_library"].values())
+    cached = [r for r in res["sample"]["results"] if r["kv_cache"]]
+    assert {(r["compile"], r["kernels"]) for r in cached} == {(c, k) for c in ("off", "static")
+                                                              for k in ("aten", "onednn")}
+    for r in cached:
+        reference = (r["compile"], r["kernels"]) == ("off", "aten")
+        assert ("speedup_vs_eager" in r) != reference, r  # every setting but the reference itself
+        assert "speedup_vs_raster" in r  # against raster at the same compile and kernels
+    assert any("kernels onednn vs eager" in k for k in res["sample"]["targets"])
+    assert " kernels |" in open(str(tmp_path / "k.md")).read()  # a column of the summary table
+
+
 # ---------------------------------------------------------------------------------------------- no-cache reference
 @pytest.mark.parametrize("variant,flavour", VALID)
 def test_nocache_reference_matches_cached_sampler(variant, flavour):

@@ -77,7 +77,7 @@ MALFORMED = [
     ("trainer.val_every_steps=0", "trainer.val_every_steps"), ("sample.temperature=0", "sample.temperature"),
     ("sample.top_p=0", "sample.top_p"), ("sample.top_p=1.5", "sample.top_p"), ("sample.mode=fast", "sample.mode"),
     ("sample.precision=fp16", "sample.precision"), ("sample.draw=gumbel", "sample.draw"),
-    ("sample.compile=static", "sample.compile"),
+    ("sample.compile=static", "sample.compile"), ("sample.kernels=mkl", "sample.kernels"),
     ("sample.schedule=linear", "sample.schedule"), ("sample.cfg_schedule=cosine", "sample.cfg_schedule"),
     ("sample.cfg_scale=-1", "sample.cfg_scale"), ("callbacks.ema_decay=1.0", "callbacks.ema_decay"),
     ("callbacks.sample_classes=[12]", "callbacks.sample_classes"), ("eval.extractor=clip", "eval.extractor"),
@@ -85,6 +85,7 @@ MALFORMED = [
 ]
 # impossible combinations need more than one override
 COMBOS = [
+    (["sample.kernels=onednn", "trainer.accelerator=gpu"], "sample.kernels"),  # oneDNN packs for a CPU only
     (["trainer.global_batch_size=63", "trainer.devices=2"], "trainer.global_batch_size"),
     (["trainer.global_batch_size=64", "trainer.devices=2", "trainer.micro_batch_size=24"], "trainer.micro_batch_size"),
     (["model.flavour=rar_vit", "model.variant=randar"], "model.flavour"),

@@ -30,7 +30,7 @@ def fast_trace(m, labels, s, seed, known=None, compiled=False):
     """fast_generate with its diagnostic recorder: (codes, [mixed logits per step])."""
     from lightning_modules.sampling import sampling_backbone
 
-    backbone = sampling_backbone(m.backbone, s.precision)
+    backbone = sampling_backbone(m.backbone, s.precision, s.kernels)
     N = backbone.num_positions
     g = make_generator(seed)
     plan = m.ordering.decode_plan(labels.shape[0], s.num_steps, s.schedule, g, known, None, labels.device)

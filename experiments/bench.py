@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lightning_modules.flops import matmul_gflops, sync  # noqa: F401  (sync: the bench sections import it from here)
+from lightning_modules.flops import matmul_gflops, stream_gbps, sync  # noqa: F401  (sync: the bench sections import it from here)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,8 +71,10 @@ def machine_info(device) -> dict:
 
 def matmul_peak(device="cpu", dtypes=("fp32", "bf16"), sizes=(1024, 2048, 4096), repeats: int = 3) -> dict:
     """Best GFLOP/s of one square matmul per dtype (lightning_modules/flops.py::matmul_gflops: ``gflops`` per wall
-    second, ``gflops_per_cpu_s`` per CPU-second) and the load average it was measured at."""
-    return {"matmul_peak": matmul_gflops(device, dtypes, sizes, repeats), "load_average": load_average()}
+    second, ``gflops_per_cpu_s`` per CPU-second), the memory read bandwidth (flops.stream_gbps; the roofline's
+    other side) and the load average they were measured at."""
+    return {"matmul_peak": matmul_gflops(device, dtypes, sizes, repeats), "stream": stream_gbps(device),
+            "load_average": load_average()}
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -93,9 +95,9 @@ def _fmt(v) -> str:
 TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "compile", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
               "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
 SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "compile", "kernels", "kv_cache",
-               "seconds",
-               "seconds_min", "cpu_s", "first_call_s", "images_per_s", "speedup_vs_raster", "speedup_cpu",
-               "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "load"]
+               "seconds", "seconds_min", "cpu_s", "first_call_s", "images_per_s", "speedup_vs_raster", "speedup_cpu",
+               "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "traffic_gb", "floor_s",
+               "of_floor", "peak_mem_mb", "load"]
 
 
 def markdown(results: dict) -> str:
@@ -113,6 +115,8 @@ def markdown(results: dict) -> str:
             text = ", ".join(f"{k} {v['gflops']} GFLOP/s {v['per_n']} ({v['gflops_per_cpu_s']} per CPU-s; by library "
                              f"{v.get('by_library', {})})"
                              for k, v in peaks.items())
+            if "stream" in results[key]:
+                text += f"; memory read {results[key]['stream']['gbps']} GB/s {results[key]['stream']['by_kernel']}"
             lines.append(f"- matmul peak ({key.split('_')[1]}, load {results[key]['load_average']}): {text}")
     if "gpu_tests" in results:
         g = results["gpu_tests"]
@@ -312,6 +316,11 @@ def add_mfu(results: dict) -> None:
         row["mfu"] = round(row["gflops"] / row["peak_gflops"], 3)
         if results["machine"]["device"] == "cpu" and row.get("cpu_s") and gflop:
             row["mfu_cpu"] = round(gflop / row["cpu_s"] / max(p["gflops_per_cpu_s"] for p in peaks), 3)
+        streams = [results[k]["stream"]["gbps"] for k in ("peak_before", "peak_after") if "stream" in results.get(k, {})]
+        if row.get("traffic_gb") and streams:  # roofline: the generation can be no faster than its FLOPs at the
+            # matmul peak, nor than its unavoidable reads at the read bandwidth (a whole-generation lower bound)
+            row["floor_s"] = round(max(gflop / row["peak_gflops"], row["traffic_gb"] / max(streams)), 4)
+            row["of_floor"] = round(row["floor_s"] / row["seconds"], 3)
     for r in sample:  # the issue's sampling MFU target: batch 8 at >= 0.7 of the matmul peak
         if r.get("batch") == 8 and "mfu" in r:
             key = (f"{r['variant']} {r['steps']} steps, {r['size']}, batch 8, cfg {r['cfg']:g}, {r['draw']}, "
@@ -319,7 +328,8 @@ def add_mfu(results: dict) -> None:
                    " MFU")
             met = "met" if r["mfu"] >= 0.7 else "NOT met"
             results["sample"].setdefault("targets", {})[key] = (f"{r['mfu']} (target 0.7: {met}; CPU-time MFU "
-                                                                f"{r.get('mfu_cpu', '-')})")
+                                                                f"{r.get('mfu_cpu', '-')}; at {r.get('of_floor', '-')} "
+                                                                f"of the roofline floor {r.get('floor_s', '-')} s)")
 
 
 if __name__ == "__main__":

@@ -142,10 +142,15 @@ def generation_flops(module, batch: int, settings, seed: int = 0) -> dict:
     """Model FLOPs of one cached ``generate`` call, counted from its decode plan like the training FLOPs: per step
     the matmuls over the slots fed and the queries asked, the attention over the visible cache length (the step's
     whole-cache mask from the fast path's plan, attention.StaticPrep), the head at the output slots (bench_train.
-    forward_flops). CFG's doubled batch is counted: it is computed. Draws, norms and embeddings are not counted."""
+    forward_flops). CFG's doubled batch is counted: it is computed. Draws, norms and embeddings are not counted.
+
+    ``bytes``: the memory a generation cannot avoid reading, for the roofline floor (bench.add_mfu): per step every
+    linear weight once (at the sampling precision) and the K/V rows the step attends to (visible cache length x
+    batch x layers x 2 x dim); activations and the draw's [rows, V] tensors are not counted."""
     from experiments.bench_train import forward_flops
     from lightning_modules.fast_decode import plan_steps
-    from lightning_modules.sampling import start_state, step_scales
+    from lightning_modules.flops import linear_weights
+    from lightning_modules.sampling import PRECISIONS, start_state, step_scales
 
     ordering, backbone, device = module.ordering, module.backbone, module.device
     N = backbone.num_positions
@@ -155,10 +160,16 @@ def generation_flops(module, batch: int, settings, seed: int = 0) -> dict:
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     state = start_state(plan, labels, any(s != 1.0 for s in scales), backbone.num_classes, N, settings.mode)
     cache = backbone.new_cache(1, ordering.cache_length(N), device=device)  # only its length is read
-    out = {"body": 0, "attention": 0, "head": 0, "total": 0}
+    width = PRECISIONS[settings.precision].itemsize
+    weights = linear_weights(backbone) * width
+    layers = len(getattr(backbone, "blocks", None) or backbone.layers) + len(getattr(backbone, "cross", None) or [])
+    prefix = 1 if hasattr(backbone, "blocks") else 0  # rar_vit's cls slot holds a cache row of its own
+    out = {"body": 0, "attention": 0, "head": 0, "total": 0, "bytes": 0}
     for step in plan_steps(ordering, backbone, plan, state, scales, cache):
         for k, v in forward_flops(backbone, step.seq, step.prep).items():
             out[k] += v
+        keys = int(step.seq.rows.max()) + 1 + prefix
+        out["bytes"] += weights + state.tokens.shape[0] * keys * layers * 2 * backbone.dim * width
     return out
 
 
@@ -230,10 +241,11 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
                 run(*r)
                 sync(device)
                 first.setdefault(r, time.perf_counter() - t)
-        flops = {}
+        flops, traffic = {}, {}
         for r in runs:
-            if r[:4] not in flops:
-                flops[r[:4]] = generation_flops(modules[r[0]], r[1], settings(*r[:8]), seed)["total"]
+            if r[:6] not in flops:
+                counts = generation_flops(modules[r[0]], r[1], settings(*r[:8]), seed)
+                flops[r[:6]], traffic[r[:6]] = counts["total"], counts["bytes"]
         times = {r: [] for r in runs}
         for _ in range(repeat):
             for r in runs:
@@ -263,8 +275,9 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
             if mem.get(r) is not None:
                 row["peak_mem_mb"] = round(mem[r] / 2 ** 20, 1)
             if cache:  # the no-cache reference recomputes the prefix: its FLOPs are not the generation's
-                row["gflop"] = round(flops[r[:4]] / 1e9, 4)
-                row["gflops"] = round(flops[r[:4]] / med / 1e9, 3)
+                row["gflop"] = round(flops[r[:6]] / 1e9, 4)
+                row["gflops"] = round(flops[r[:6]] / med / 1e9, 3)
+                row["traffic_gb"] = round(traffic[r[:6]] / 1e9, 4)
             rows.append(row)
             print(f"bench sample: {v} {size} batch {batch} steps {steps} cfg {cfg:g} {draw} {precision} compile {comp} "
                   f"kernels {kern} cache {cache}: {med:.3f} s, {batch / med:.2f} images/s", flush=True)

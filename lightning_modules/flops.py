@@ -133,6 +133,32 @@ def matmul_gflops(device="cpu", dtypes=("fp32", "bf16"), sizes=(1024, 2048, 4096
     return out
 
 
+def stream_gbps(device="cpu", mb: int = 256, repeats: int = 3) -> dict:
+    """Best GB/s reading ``mb`` MB once (more than a CPU's last-level cache): a sum, and on a CPU oneDNN's
+    one-row linear over a packed weight (what a batch-1 decode step is) — the bandwidth side of the roofline floor
+    (bench.add_mfu). ``gbps`` is the best; ``by_kernel`` keeps each."""
+    from lightning_modules.nn.onednn import unavailable
+
+    side = int((mb * 2 ** 20 / 4) ** 0.5)
+    w = torch.randn(side, side, device=device)  # [side, side] fp32 = mb MB
+    kernels = {"sum": lambda: w.sum()}
+    if unavailable(device, torch.float32) is None:
+        packed, row = torch.ops.mkldnn._reorder_linear_weight(w, None), torch.randn(1, side)
+        kernels["onednn_gemv"] = lambda: torch.ops.mkldnn._linear_pointwise(row, packed, None, "none", [], "")
+    by_kernel = {}
+    for name, read in kernels.items():
+        read()
+        sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            read()
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+        by_kernel[name] = round(w.numel() * 4 / best / 1e9, 1)
+    return {"gbps": max(by_kernel.values()), "by_kernel": by_kernel}
+
+
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
     """(peak FLOP/s of one device for ``dtype``, where it came from); (None, why) where MFU is not defined.
 

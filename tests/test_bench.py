@@ -98,6 +98,12 @@ def test_cli_times_each_kernel_setting_against_the_eager_reference(tmp_path):
         assert ("speedup_vs_eager" in r) != reference, r  # every setting but the reference itself
         assert "speedup_vs_raster" in r  # against raster at the same compile and kernels
     assert any("kernels onednn vs eager" in k for k in res["sample"]["targets"])
+    bandwidth = max(res[k]["stream"]["gbps"] for k in ("peak_before", "peak_after"))
+    assert bandwidth > 0 and "sum" in res["peak_before"]["stream"]["by_kernel"]
+    for r in cached:  # the roofline floor: the slower of the FLOPs at the peak and the reads at the bandwidth
+        floor = max(r["gflop"] / r["peak_gflops"], r["traffic_gb"] / bandwidth)
+        assert r["floor_s"] == pytest.approx(floor, abs=1e-4) and r["of_floor"] == pytest.approx(
+            r["floor_s"] / r["seconds"], abs=2e-3)
     assert " kernels |" in open(str(tmp_path / "k.md")).read()  # a column of the summary table
 
 
@@ -232,6 +238,21 @@ def test_generation_flops_match_flop_counter_mode(variant, flavour):
             assert ours["attention"] == dense_attention  # no masked pair anywhere
         total = linear + dense_attention
         assert abs(total - ours["total"]) <= 0.02 * total
+
+
+def test_generation_bytes_hand_count_raster():
+    """The roofline's read count for one raster generation, by hand: 16 one-token steps each read every linear weight
+    once and the K/V rows written so far (step t sees t + 1 rows: the class slot and t tokens) in both layers, for
+    the CFG-doubled batch; bf16 halves it."""
+    from experiments.bench_sample import generation_flops
+    from lightning_modules.flops import linear_weights
+
+    m = make_module("raster")
+    for precision, width in (("fp32", 4), ("bf16", 2)):
+        s = m.sample_settings(cfg_scale=2.0, precision=precision)
+        weights = linear_weights(m.backbone) * width
+        kv = 2 * 3 * sum(t + 1 for t in range(16)) * 2 * 2 * 64 * width  # [cond; null] x keys x layers x K,V x dim
+        assert generation_flops(m, 3, s)["bytes"] == 16 * weights + kv
 
 
 @pytest.mark.parametrize("variant", ["randar", "arpg"])

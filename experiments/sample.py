@@ -47,12 +47,18 @@ def parse_overrides(items: list[str]) -> dict:
 
     from experiments.config import SampleConfig
 
+    from lightning_modules.hparams import typed
+
     out = {}
     for item in items:
         key, _, value = item.partition("=")
         if not key.startswith("sample.") or key[7:] not in SampleConfig.__dataclass_fields__ or not value:
             fail(f"{key}: unknown sampling override (use sample.<{'|'.join(SampleConfig.__dataclass_fields__)}>=value)")
         out[key[7:]] = OmegaConf.from_dotlist([f"x={value}"]).x
+    try:  # types and fixed choices (sample.draw, .precision, .compile, .kernels) as the training config checks them
+        typed(SampleConfig, out, "sample")
+    except ValueError as err:
+        fail(str(err))
     return out
 
 

@@ -18,7 +18,7 @@ from lightning_modules.backbones import build_backbone, resolve_size
 from lightning_modules.hparams import (SAMPLE_DEFAULTED, ModelConfig, OptimConfig, SampleConfig, normalize_model,
                                        plain, typed)
 from lightning_modules.resumable import STEP_RNG_SALT, step_rng
-from lightning_modules.sampling import SampleSettings, generate
+from lightning_modules.sampling import PRECISIONS, SampleSettings, generate, pack_threshold
 from tokenizers.base import TokenizerMismatchError
 from tokenizers.registry import build_tokenizer
 
@@ -263,6 +263,7 @@ class ARModule(L.LightningModule):
         probe = make_generator(0, self.device)
         try:
             self.ordering.decode_plan(1, s.num_steps, s.schedule, probe, device=self.device)
+            pack_threshold(s.kernels, self.device, PRECISIONS.get(s.precision, torch.float32))  # onednn on a GPU
         except ValueError as err:
             msg = str(err).splitlines()[0]
             raise ValueError(msg if msg.startswith("sample.") else f"sample: {msg}") from None

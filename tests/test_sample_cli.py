@@ -66,9 +66,10 @@ def test_readme_command_works_on_a_default_run_and_says_which_weights(runs, tmp_
 @pytest.mark.slow
 def test_bad_sampling_setting_is_one_line_exit_2(runs, tmp_path):
     out, _ = runs
-    proc = sample("--ckpt", f"{out}/plain", "--out", str(tmp_path), "sample.num_steps=8", ok=False)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "sample.num_steps" in proc.stderr
+    for bad in ("sample.num_steps=8", "sample.kernels=mkl", "sample.draw=gumbel", "sample.top_k=abc"):
+        proc = sample("--ckpt", f"{out}/plain", "--out", str(tmp_path), bad, ok=False)
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert bad.split("=")[0] in proc.stderr
 
 
 @pytest.mark.slow

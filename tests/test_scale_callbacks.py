@@ -6,7 +6,9 @@ command (resume=auto) -- and ZeRO-3 + optimizer offload 4 steps with sample.prec
 
 model.dim=128 / ffn_hidden=1024 make the FFN weights larger than DeepSpeed's persistence threshold (1e5
 elements), so ZeRO-3 really partitions them (smaller parameters stay gathered): both kinds go through the
-gathered sampling replica and the sharded EMA. The strategies train the same weights (to float32 summation
+gathered sampling replica and the sharded EMA. The same FFN weights (2^17 entries) are what sample.kernels=auto
+prepacks for oneDNN (lightning_modules/nn/onednn.py), so every sampling callback here runs the packed linears,
+in fp32 and (offload) in bf16. The strategies train the same weights (to float32 summation
 order) and a resume is exact, so the EMA exported from ZeRO-2 / ZeRO-3 (the latter across the stop and resume)
 must equal DDP's.
 """

@@ -150,3 +150,12 @@ def test_kernels_the_device_cannot_run_are_refused_in_one_line():
     m = make_module("raster")
     with pytest.raises(ValueError, match="sample.kernels"):
         generate(m, LABELS, m.sample_settings(kernels="mkl"), make_generator(0))
+
+
+def test_the_multi_rank_callback_runs_sample_through_packed_linears():
+    """tests/test_scale_callbacks.py (2 ranks, DDP / ZeRO-2 / ZeRO-3 / offload, every callback on) relies on its
+    model.dim=128 x model.ffn_hidden=1024 FFN linears being packed by auto: keep the threshold within reach."""
+    m = make_module("raster", dim=128, ffn_hidden=1024)
+    for precision in ("fp32", "bf16") if onednn.unavailable("cpu", torch.bfloat16) is None else ("fp32",):
+        packed = packed_names(sampling_backbone(m.backbone, precision, "auto"))
+        assert packed == {f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")}

@@ -134,13 +134,11 @@ def validate(cfg: DictConfig) -> None:
     _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
     _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
     if s.kernels == "onednn":  # refused before training, not at the first sampling callback
-        import torch
-
+        from experiments.strategies import on_gpu
         from lightning_modules.nn.onednn import unavailable
         from lightning_modules.sampling import PRECISIONS
 
-        gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
-        why = unavailable("cuda" if gpu else "cpu", PRECISIONS[s.precision or "fp32"])
+        why = unavailable("cuda" if on_gpu(cfg) else "cpu", PRECISIONS[s.precision or "fp32"])
         _check(why is None, "sample.kernels", f"onednn cannot run here: {why}")
 
     c = cfg.callbacks

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from experiments.bench import cpu_model
+from experiments.bench import cpu_model, cpuinfo
 
 
 def cpu_generation() -> str:
     """"family/model" from /proc/cpuinfo: a VM's model name can be as bare as "AMD EPYC" for several generations
     (an AVX-512 Zen 5 and an older AVX-512 EPYC rounded the same RAR-ViT gradients differently)."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                    fields[key.strip()] = value.strip()
-                if not line.strip():
-                    break  # the first processor's block is enough
-    except OSError:
-        pass
+    fields = cpuinfo()
     return f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
 
 

@@ -315,6 +315,8 @@ def add_mfu(results: dict) -> None:
     rows = [(r, r["dtype"], r.get("gflop_per_step")) for r in results.get("train", {}).get("results", [])]
     sample = results.get("sample", {}).get("results", [])
     rows += [(r, r.get("precision", "fp32"), r.get("gflop")) for r in sample]  # sampling: at its precision
+    bandwidth = max((results[k]["stream"]["gbps"] for k in ("peak_before", "peak_after")
+                     if "stream" in results.get(k, {})), default=0.0)
     for row, dtype, gflop in rows:
         peaks = [results[k]["matmul_peak"][dtype] for k in ("peak_before", "peak_after")
                  if k in results and dtype in results[k]["matmul_peak"]]
@@ -324,10 +326,9 @@ def add_mfu(results: dict) -> None:
         row["mfu"] = round(row["gflops"] / row["peak_gflops"], 3)
         if results["machine"]["device"] == "cpu" and row.get("cpu_s") and gflop:
             row["mfu_cpu"] = round(gflop / row["cpu_s"] / max(p["gflops_per_cpu_s"] for p in peaks), 3)
-        streams = [results[k]["stream"]["gbps"] for k in ("peak_before", "peak_after") if "stream" in results.get(k, {})]
-        if row.get("traffic_gb") and streams:  # roofline: the generation can be no faster than its FLOPs at the
+        if row.get("traffic_gb") and bandwidth:  # roofline: the generation can be no faster than its FLOPs at the
             # matmul peak, nor than its unavoidable reads at the read bandwidth (a whole-generation lower bound)
-            row["floor_s"] = round(max(gflop / row["peak_gflops"], row["traffic_gb"] / max(streams)), 4)
+            row["floor_s"] = round(max(gflop / row["peak_gflops"], row["traffic_gb"] / bandwidth), 4)
             row["of_floor"] = round(row["floor_s"] / row["seconds"], 3)
     for r in sample:  # the sampling MFU target: batch 8 at >= 0.7 of the matmul peak
         if r.get("batch") == 8 and "mfu" in r:

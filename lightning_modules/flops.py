@@ -88,6 +88,20 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def best_seconds(fn, device, repeats: int) -> tuple[float, float]:
+    """(best wall seconds, best process CPU seconds) of ``fn`` over ``repeats`` calls after one warm-up call (thread
+    pool, packing buffers, cuBLAS handles, oneDNN primitives)."""
+    fn()
+    sync(device)
+    best, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync(device)
+        best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+    return best, best_cpu
+
+
 def square_gemms(device, name: str, n: int) -> dict:
     """library -> a callable multiplying two [n, n] ``name`` matrices: torch's matmul (MKL on a CPU, cuBLAS on a
     GPU), and on a CPU that runs it oneDNN with one operand prepacked — the kernel sampling uses
@@ -116,14 +130,7 @@ def matmul_gflops(device="cpu", dtypes=("fp32", "bf16"), sizes=(1024, 2048, 4096
         per_n, per_cpu, by_library = {}, {}, {}
         for n in sizes:
             for library, gemm in square_gemms(device, name, n).items():
-                gemm()  # warm-up: thread pool, packing buffers, cuBLAS handles, oneDNN primitives
-                sync(device)
-                best, best_cpu = float("inf"), float("inf")
-                for _ in range(repeats):
-                    t, c = time.perf_counter(), time.process_time()
-                    gemm()
-                    sync(device)
-                    best, best_cpu = min(best, time.perf_counter() - t), min(best_cpu, time.process_time() - c)
+                best, best_cpu = best_seconds(gemm, device, repeats)
                 flops = 2 * n ** 3
                 per_n[str(n)] = max(per_n.get(str(n), 0.0), round(flops / best / 1e9, 1))
                 per_cpu[str(n)] = max(per_cpu.get(str(n), 0.0), round(flops / max(best_cpu, 1e-9) / 1e9, 1))
@@ -145,17 +152,8 @@ def stream_gbps(device="cpu", mb: int = 256, repeats: int = 3) -> dict:
     if unavailable(device, torch.float32) is None:
         packed, row = torch.ops.mkldnn._reorder_linear_weight(w, None), torch.randn(1, side)
         kernels["onednn_gemv"] = lambda: torch.ops.mkldnn._linear_pointwise(row, packed, None, "none", [], "")
-    by_kernel = {}
-    for name, read in kernels.items():
-        read()
-        sync(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            read()
-            sync(device)
-            best = min(best, time.perf_counter() - t)
-        by_kernel[name] = round(w.numel() * 4 / best / 1e9, 1)
+    by_kernel = {name: round(w.numel() * 4 / best_seconds(read, device, repeats)[0] / 1e9, 1)
+                 for name, read in kernels.items()}
     return {"gbps": max(by_kernel.values()), "by_kernel": by_kernel}
 
 

@@ -100,24 +100,22 @@ def sampling_backbone(backbone: nn.Module, precision: str, kernels: str = "aten"
     fp32 as in training. A copy, not an in-place change, because casting the trained fp32 weights would lose their
     low bits for good, and packed weights cannot train. It is cached per backbone and rebuilt when any parameter
     changed since (an optimizer step, an EMA swap or a load bumps the tensors' version counters)."""
-    from lightning_modules.nn.onednn import packed_replacements
+    from lightning_modules.nn.onednn import big_linears, packed_replacements
 
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision: unknown precision {precision!r} (choose from {list(PRECISIONS)})")
     dtype = PRECISIONS[precision]
     params = list(backbone.parameters())
     threshold = pack_threshold(kernels, params[0].device, dtype)
-    if threshold is not None and not any(isinstance(m, nn.Linear) and m.weight.numel() >= threshold
-                                         for m in backbone.modules()):
-        threshold = None  # nothing big enough to pack (auto on a small model): the same as aten
-    if threshold is None and all(p.dtype == dtype for p in params):
+    packed = [] if threshold is None else big_linears(backbone, threshold)  # none: auto on a small model = aten
+    if not packed and all(p.dtype == dtype for p in params):
         return backbone
-    key = (dtype, threshold, tuple((p.data_ptr(), p._version) for p in params))
+    key = (dtype, threshold if packed else None, tuple((p.data_ptr(), p._version) for p in params))
     cached = _SAMPLING_COPIES.get(backbone)
     if cached is not None and cached[0] == key:
         return cached[1]
     _SAMPLING_COPIES.pop(backbone, None)  # the stale copy goes before the new one is built (peak memory)
-    memo = {} if threshold is None else packed_replacements(backbone, dtype, threshold)
+    memo = packed_replacements(packed, dtype)
     copied = copy.deepcopy(backbone, memo).eval()
     for p in copied.parameters():
         p.data = p.data.to(dtype)

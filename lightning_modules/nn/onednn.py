@@ -69,9 +69,13 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def packed_replacements(backbone: nn.Module, dtype: torch.dtype, min_entries: int) -> dict[int, nn.Module]:
-    """id(linear) -> its PackedLinear, for every ``nn.Linear`` of ``backbone`` with >= ``min_entries`` weights: a
-    ``copy.deepcopy`` memo, so the copy takes the packed module in place of the linear and never copies the dense
-    weight (a sampling copy of an L-size model would otherwise hold three copies of its linears at once)."""
-    return {id(m): PackedLinear(m, dtype) for m in backbone.modules()
-            if isinstance(m, nn.Linear) and m.weight.numel() >= min_entries}
+def big_linears(backbone: nn.Module, min_entries: int) -> list[nn.Linear]:
+    """The ``nn.Linear`` modules of ``backbone`` with >= ``min_entries`` weights (what a sampling copy packs)."""
+    return [m for m in backbone.modules() if isinstance(m, nn.Linear) and m.weight.numel() >= min_entries]
+
+
+def packed_replacements(linears: list[nn.Linear], dtype: torch.dtype) -> dict[int, nn.Module]:
+    """id(linear) -> its PackedLinear: a ``copy.deepcopy`` memo, so the copy takes the packed module in place of the
+    linear and never copies the dense weight (a sampling copy of an L-size model would otherwise hold three copies
+    of its linears at once)."""
+    return {id(m): PackedLinear(m, dtype) for m in linears}

@@ -100,8 +100,8 @@ def _fmt(v) -> str:
     return str(v)
 
 
-TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "compile", "step_s", "step_s_min", "cpu_s", "tokens_per_s",
-              "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
+TRAIN_COLS = ["variant", "size", "dtype", "batch", "slots", "compile", "kernels", "step_s", "step_s_min", "cpu_s",
+              "tokens_per_s", "gflop_per_step", "gflops", "mfu", "mfu_cpu", "peak_mem_mb", "state_mb", "load"]
 SAMPLE_COLS = ["variant", "size", "batch", "steps", "cfg", "draw", "precision", "compile", "kernels", "kv_cache",
                "seconds", "seconds_min", "cpu_s", "first_call_s", "images_per_s", "speedup_vs_raster", "speedup_cpu",
                "speedup_vs_eager", "speedup_vs_eager_cpu", "gflop", "gflops", "mfu", "mfu_cpu", "traffic_gb", "floor_s",
@@ -187,8 +187,9 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp32", help="sample: sample.precision values to time (fp32,bf16)")
     p.add_argument("--sample-compile", default="off", help="sample: sample.compile values to time (off,on,static; "
                                                              "speedup_vs_eager compares each with off)")
-    p.add_argument("--kernels", default="auto", help="sample: sample.kernels values to time (aten,onednn,auto; "
-                                                      "speedup_vs_eager compares each with compile off + aten)")
+    p.add_argument("--kernels", default="auto", help="train: trainer.kernels, sample: sample.kernels values to time "
+                                                      "(aten,onednn,auto; speedup_vs_eager compares each sampling row "
+                                                      "with compile off + aten)")
     p.add_argument("--cfgs", default="", help="sample: CFG scales to time (default 1,4)")
     p.add_argument("--nocache", default="default", help="sample: no-KV-cache reference at 'default' steps, 'all', "
                                                          "or 'off'")
@@ -259,7 +260,7 @@ def run(a, argv) -> int:
         batch = int((a.batch or "8").split(",")[0])
         results["train"] = bench_train(variants, sizes, flavour=a.flavour, batch=batch, repeat=a.repeat,
                                        warmup=a.warmup, device=a.device, dtype=a.dtype, grid=a.grid, vocab=a.vocab,
-                                       compile=a.compile, fused_adam=a.fused_adam)
+                                       compile=a.compile, fused_adam=a.fused_adam, kernels=a.kernels.split(","))
         results["peak_after"] = matmul_peak(a.device, dtypes, peak_sizes)
         add_mfu(results)
         seconds["train"] = round(time.perf_counter() - t, 1)

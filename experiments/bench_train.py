@@ -39,7 +39,7 @@ FLOP_METHOD = "analytic from the Seq layout: 3 x (2 x matmul weights x rows + 4 
 # ---------------------------------------------------------------------------------------------- building
 def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int = 16, vocab: int = 16384,
                  num_classes: int = 1000, compile: bool = False, fused_adam: bool = False, device="cpu",
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", kernels: str = "auto"):
     """An ARModule built through the real config path (experiments.config + experiments.build)."""
     from experiments.build import build_lightning_module
     from experiments.config import load_config
@@ -47,7 +47,7 @@ def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int =
     preset, dims = BENCH_SIZES[size]
     overrides = [f"model.variant={variant}", f"model.flavour={flavour}", f"model.size={preset}",
                  f"model.num_classes={num_classes}", "tokenizer.kind=codes", f"tokenizer.vocab_size={vocab}",
-                 f"trainer.compile={str(bool(compile)).lower()}"] + [f"model.{k}={v}" for k, v in dims.items()]
+                 f"trainer.compile={str(bool(compile)).lower()}", f"trainer.kernels={kernels}"] + [f"model.{k}={v}" for k, v in dims.items()]
     module = build_lightning_module(load_config([], overrides), (grid, grid))
     module.fused_adam = fused_adam
     module.compile_backend = compile_backend  # "eager" in the bench's --dry-run: dynamo's capture, no codegen
@@ -161,27 +161,31 @@ def timed(fn, device) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------- benchmark
 def bench_train(variants, sizes, *, flavour="llama", batch=8, repeat=3, warmup=1, device="cpu", dtype="fp32",
-                grid=16, vocab=16384, compile=False, fused_adam=False, compile_backend="inductor") -> dict:
-    """Per size: build every variant, warm each up, then time the variants round-robin (interleaved, so a load
-    change on a shared machine hits all of them alike); median of ``repeat``; then one step each for memory."""
+                grid=16, vocab=16384, compile=False, fused_adam=False, compile_backend="inductor",
+                kernels=("auto",)) -> dict:
+    """Per size: build every (variant, trainer.kernels), warm each up, then time them round-robin (interleaved, so
+    a load change on a shared machine hits all of them alike); median of ``repeat``; then one step each for
+    memory."""
     rows = []
     for size in sizes:
         steps = {}
         for v in variants:
-            module = bench_module(v, size, flavour=flavour, grid=grid, vocab=vocab, compile=compile,
-                                  fused_adam=fused_adam, device=device, compile_backend=compile_backend)
-            steps[v] = TrainStep(module, batch, device, dtype)
-        for v, step in steps.items():
+            for kern in kernels:
+                module = bench_module(v, size, flavour=flavour, grid=grid, vocab=vocab, compile=compile,
+                                      fused_adam=fused_adam, device=device, compile_backend=compile_backend,
+                                      kernels=kern)
+                steps[v, kern] = TrainStep(module, batch, device, dtype)
+        for step in steps.values():
             for i in range(warmup):
                 step(i)
-        times = {v: [] for v in variants}
+        times = {key: [] for key in steps}
         for r in range(repeat):
-            for v, step in steps.items():
-                times[v].append(timed(lambda: step(warmup + r), device))
-        for v, step in steps.items():
+            for key, step in steps.items():
+                times[key].append(timed(lambda: step(warmup + r), device))
+        for (v, kern), step in steps.items():
             mem, how = peak_memory(lambda: step(warmup + repeat), device)
             flops = train_flops(step.module, step.codes, step.labels)
-            wall = [t[0] for t in times[v]]
+            wall = [t[0] for t in times[v, kern]]
             med = statistics.median(wall)
             rows.append({
                 "variant": v, "size": size, "flavour": flavour, "dtype": dtype, "batch": batch,
@@ -189,15 +193,16 @@ def bench_train(variants, sizes, *, flavour="llama", batch=8, repeat=3, warmup=1
                 "params": sum(p.numel() for p in step.module.backbone.parameters()),
                 "matmul_params": linear_weights(step.module.backbone),
                 "step_s": round(med, 4), "step_s_min": round(min(wall), 4), "step_s_all": [round(x, 4) for x in wall],
-                "cpu_s": round(statistics.median(t[1] for t in times[v]), 4),
+                "cpu_s": round(statistics.median(t[1] for t in times[v, kern]), 4),
                 "tokens_per_s": round(batch * step.module.num_positions / med, 1),
                 "gflop_per_step": round(flops["total"] / 1e9, 3),
                 "flops_forward": flops["forward"], "gflops": round(flops["total"] / med / 1e9, 2),
                 "peak_mem_mb": None if mem is None else round(mem / 2 ** 20, 1), "memory_method": how,
-                "state_mb": round(step.state_bytes() / 2 ** 20, 1), "compile": compile, "fused_adam": fused_adam,
+                "state_mb": round(step.state_bytes() / 2 ** 20, 1), "compile": compile, "kernels": kern,
+                "onednn_linears": step.module.onednn_linears, "fused_adam": fused_adam,
                 "load": load_average()[:1],
             })
-            print(f"bench train: {v} {size} {dtype} batch {batch}: {med:.3f} s/step, "
+            print(f"bench train: {v} {size} {dtype} batch {batch} kernels {kern}: {med:.3f} s/step, "
                   f"{rows[-1]['tokens_per_s']:.0f} tokens/s, {rows[-1]['gflops']} GFLOP/s, "
                   f"peak +{rows[-1]['peak_mem_mb']} MB", flush=True)
         del steps

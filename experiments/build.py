@@ -35,7 +35,7 @@ def build_lightning_module(cfg: DictConfig, grid: tuple[int, int]):
     """The variant's module from the config's typed sections (the module re-types them: same dataclasses)."""
     return build_module(to_plain(cfg.model), tokenizer_spec(cfg), optim=to_plain(cfg.optim),
                         sample=to_plain(cfg.sample), seed=cfg.seed, max_steps=cfg.trainer.max_steps, grid=grid,
-                        compile=cfg.trainer.compile,
+                        compile=cfg.trainer.compile, kernels=cfg.trainer.kernels,
                         # ZeRO-Offload takes only DeepSpeed's CPU Adam as its client optimizer (strategies.py)
                         cpu_adam=cfg.trainer.strategy.endswith("_offload"))
 

@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 # The generator's own settings live beside the module that reads them (one set of defaults); composed here.
-from lightning_modules.hparams import LlamaOptions, ModelConfig, OptimConfig, RarVitOptions, SampleConfig  # noqa: F401
+from lightning_modules.hparams import (Kernels, LlamaOptions, ModelConfig, OptimConfig,  # noqa: F401
+                                      RarVitOptions, SampleConfig)
 
 
 # Fixed choices are Literal fields (OmegaConf refuses other values at merge, naming the key); registry choices
@@ -77,6 +78,9 @@ class TrainerConfig:
     log_every_steps: int = 10
     ckpt_every_steps: int = 250
     compile: bool = False
+    # the training linears' kernels: auto (oneDNN for fp32 linears >= 2^17 weights on a CPU; the rest torch's) | aten
+    # | onednn (every linear; CPU and 32-true only). Validation and sampling keep torch's / sample.kernels' kernels.
+    kernels: Kernels = "auto"
     deterministic: bool = False
     fast_dev_run: bool = False
     # a rank with no progress (no Lightning hook started or ended) this long ends the run with one line naming the

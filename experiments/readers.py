@@ -86,7 +86,7 @@ READERS: dict[str, str | When | None] = {
     **{f"trainer.{k}": ALWAYS for k in ("max_steps", "global_batch_size", "micro_batch_size", "accelerator",
                                         "devices", "num_nodes", "strategy", "precision", "val_every_steps",
                                         "limit_val_batches", "log_every_steps", "ckpt_every_steps", "compile",
-                                        "deterministic", "fast_dev_run", "collective_timeout_s", "stop_grace_s")},
+                                        "kernels", "deterministic", "fast_dev_run", "collective_timeout_s", "stop_grace_s")},
     **{f"sample.{k}": ALWAYS for k in ("num_steps", "schedule", "cfg_scale", "cfg_schedule", "temperature", "top_k",
                                        "top_p", "mode", "draw", "precision", "compile", "kernels")},
     "sample.cfg_power": _schedule("pow_cosine"), "sample.cfg_start": _schedule("linear"),

@@ -133,13 +133,23 @@ def validate(cfg: DictConfig) -> None:
     _check(s.temperature > 0, "sample.temperature", f"{s.temperature} must be > 0")
     _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
     _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
-    if s.kernels == "onednn":  # refused before training, not at the first sampling callback
+    if "onednn" in (s.kernels, t.kernels):  # refused before training, not at the first step or sampling callback
+        import torch
+
         from experiments.strategies import on_gpu
         from lightning_modules.nn.onednn import unavailable
         from lightning_modules.sampling import PRECISIONS
 
-        why = unavailable("cuda" if on_gpu(cfg) else "cpu", PRECISIONS[s.precision or "fp32"])
-        _check(why is None, "sample.kernels", f"onednn cannot run here: {why}")
+        device = "cuda" if on_gpu(cfg) else "cpu"
+        if s.kernels == "onednn":
+            why = unavailable(device, PRECISIONS[s.precision or "fp32"])
+            _check(why is None, "sample.kernels", f"onednn cannot run here: {why}")
+        if t.kernels == "onednn":
+            why = unavailable(device, torch.float32)
+            _check(why is None, "trainer.kernels", f"onednn cannot run here: {why}")
+            _check(t.precision in ("32-true", "32"), "trainer.kernels",
+                   f"onednn runs the fp32 linears of trainer.precision=32-true; under {t.precision} the linears "
+                   "are torch's (on a CPU its bf16 linear is oneDNN already): use trainer.kernels=auto or aten")
 
     c = cfg.callbacks
     _unit(c.ema_decay, "callbacks.ema_decay")

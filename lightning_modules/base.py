@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from lightning_modules.backbones import build_backbone, resolve_size
 from lightning_modules.hparams import (SAMPLE_DEFAULTED, ModelConfig, OptimConfig, SampleConfig, normalize_model,
                                        plain, typed)
+from lightning_modules.nn import onednn
 from lightning_modules.resumable import STEP_RNG_SALT, step_rng
-from lightning_modules.sampling import PRECISIONS, SampleSettings, generate, pack_threshold
+from lightning_modules.sampling import PRECISIONS, SampleSettings, generate
 from tokenizers.base import TokenizerMismatchError
 from tokenizers.registry import build_tokenizer
 
@@ -51,10 +52,11 @@ class ARModule(L.LightningModule):
 
     def __init__(self, model: dict, tokenizer: dict, optim: dict | None = None, sample: dict | None = None,
                  seed: int = 0, max_steps: int = 1000, grid: tuple[int, int] | list | None = None,
-                 compile: bool = False, cpu_adam: bool = False, fused_adam: bool = False):
+                 compile: bool = False, cpu_adam: bool = False, fused_adam: bool = False, kernels: str = "auto"):
         """model: ModelConfig fields (+ ``grid`` unless given separately); optim: OptimConfig fields; sample:
         SampleConfig fields (empty = the ordering's default); compile: torch.compile the training forward
-        (trainer.compile); cpu_adam: DeepSpeed's CPU Adam (ZeRO-Offload); fused_adam: AdamW(fused=True)."""
+        (trainer.compile); cpu_adam: DeepSpeed's CPU Adam (ZeRO-Offload); fused_adam: AdamW(fused=True);
+        kernels: the training linears' kernels (trainer.kernels: auto | aten | onednn, nn/onednn.py)."""
         super().__init__()
         model, recorded_grid = normalize_model(model)
         self.model_cfg = typed(ModelConfig, model, "model")
@@ -74,6 +76,9 @@ class ARModule(L.LightningModule):
         options.update(self.ordering.backbone_options(dims))
         self.backbone = build_backbone(m.flavour, vocab_size=tok.vocab_size, num_classes=m.num_classes,
                                        grid=self.grid, **dims, **options)
+        # built on the CPU; OneDnnLinear itself falls back to torch's linear wherever else it later runs
+        threshold = onednn.kernel_threshold(kernels, "cpu", torch.float32, "trainer.kernels")
+        self.onednn_linears = 0 if threshold is None else onednn.use_for_training(self.backbone, threshold)
         s = plain(self.sample_cfg)
         self.sample_defaults = {**self.ordering.default_sample,
                                 **{k: v for k, v in s.items() if k not in SAMPLE_DEFAULTED or v not in ("", 0)}}
@@ -263,7 +268,7 @@ class ARModule(L.LightningModule):
         probe = make_generator(0, self.device)
         try:
             self.ordering.decode_plan(1, s.num_steps, s.schedule, probe, device=self.device)
-            pack_threshold(s.kernels, self.device, PRECISIONS.get(s.precision, torch.float32))  # onednn on a GPU
+            onednn.kernel_threshold(s.kernels, self.device, PRECISIONS.get(s.precision, torch.float32), "sample.kernels")
         except ValueError as err:
             msg = str(err).splitlines()[0]
             raise ValueError(msg if msg.startswith("sample.") else f"sample: {msg}") from None

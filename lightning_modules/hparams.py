@@ -25,7 +25,7 @@ SampleMode = Literal["official", "consistent"]
 Draw = Literal["", "multinomial", "inverse_cdf"]
 SamplePrecision = Literal["", "fp32", "bf16"]
 Compile = Literal["auto", "on", "off"]  # lightning_modules/sampling.py::fast_path
-Kernels = Literal["auto", "aten", "onednn"]  # lightning_modules/sampling.py::pack_threshold
+Kernels = Literal["auto", "aten", "onednn"]  # lightning_modules/nn/onednn.py::kernel_threshold
 
 
 @dataclass

@@ -70,43 +70,23 @@ class SampleSettings:
 DRAWS = ("multinomial", "inverse_cdf")
 COMPILE = ("auto", "on", "off", "static")  # static: the fast loop without torch.compile (tests, measurements)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KERNELS = ("auto", "aten", "onednn")
 _SAMPLING_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def pack_threshold(kernels: str, device, dtype: torch.dtype) -> int | None:
-    """sample.kernels -> the smallest linear (weight entries) the sampling copy prepacks for oneDNN, or None for
-    none (torch's own kernels). auto: oneDNN on a CPU that runs it, for the linears big enough to win
-    (nn/onednn.py: AUTO_MIN_ENTRIES); aten everywhere else (on CUDA cuBLAS is the kernel). onednn: every linear,
-    or one line saying why it cannot run here."""
-    from lightning_modules.nn import onednn
-
-    if kernels not in KERNELS:
-        raise ValueError(f"sample.kernels: unknown kernels {kernels!r} (choose from {list(KERNELS)})")
-    if kernels == "aten":
-        return None
-    why = onednn.unavailable(device, dtype)
-    if kernels == "onednn" and why is not None:
-        raise ValueError(f"sample.kernels=onednn: {why}")
-    if why is not None:
-        return None
-    return 0 if kernels == "onednn" else onednn.AUTO_MIN_ENTRIES
 
 
 def sampling_backbone(backbone: nn.Module, precision: str, kernels: str = "aten") -> nn.Module:
     """The backbone to sample with: itself for fp32 with torch's kernels, else a copy whose *parameters* are cast
     (bf16, as the official LlamaGen / RandAR / ARPG samplers cast their GPT) and whose big linears are prepacked for
-    oneDNN (``pack_threshold``; nn/onednn.py). Buffers stay fp32 (RoPE angles), and the norms and RoPE compute in
+    oneDNN (nn/onednn.py: ``kernel_threshold``). Buffers stay fp32 (RoPE angles), and the norms and RoPE compute in
     fp32 as in training. A copy, not an in-place change, because casting the trained fp32 weights would lose their
     low bits for good, and packed weights cannot train. It is cached per backbone and rebuilt when any parameter
     changed since (an optimizer step, an EMA swap or a load bumps the tensors' version counters)."""
-    from lightning_modules.nn.onednn import big_linears, packed_replacements
+    from lightning_modules.nn.onednn import big_linears, kernel_threshold, packed_replacements
 
     if precision not in PRECISIONS:
         raise ValueError(f"sample.precision: unknown precision {precision!r} (choose from {list(PRECISIONS)})")
     dtype = PRECISIONS[precision]
     params = list(backbone.parameters())
-    threshold = pack_threshold(kernels, params[0].device, dtype)
+    threshold = kernel_threshold(kernels, params[0].device, dtype, "sample.kernels")
     packed = [] if threshold is None else big_linears(backbone, threshold)  # none: auto on a small model = aten
     if not packed and all(p.dtype == dtype for p in params):
         return backbone

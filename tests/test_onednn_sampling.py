@@ -11,7 +11,7 @@ from torch import nn
 import lightning_modules.nn.onednn as onednn
 from conftest import VALID, make_module
 from lightning_modules.base import make_generator
-from lightning_modules.sampling import generate, pack_threshold, sampling_backbone
+from lightning_modules.sampling import generate, sampling_backbone
 from test_fast_decode import LABELS, dynamo_backend, fast_trace, settings_matrix  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -91,7 +91,7 @@ def test_onednn_inductor_compiled_step_matches(dynamo_backend):  # noqa: F811
 
 def test_auto_packs_only_the_linears_big_enough_to_win(monkeypatch):
     m = make_module("arpg")  # dim 64: fused wqkv 64x192 = 12288 entries, wo 64x64 = 4096, head 11x64
-    assert pack_threshold("auto", "cpu", torch.float32) == onednn.AUTO_MIN_ENTRIES
+    assert onednn.kernel_threshold("auto", "cpu", torch.float32, "sample.kernels") == onednn.AUTO_MIN_ENTRIES
     assert sampling_backbone(m.backbone, "fp32", "auto") is m.backbone  # a debug model has none that big
     assert sampling_backbone(m.backbone, "fp32", "aten") is m.backbone
     monkeypatch.setattr(onednn, "AUTO_MIN_ENTRIES", 64 * 192)
@@ -100,7 +100,7 @@ def test_auto_packs_only_the_linears_big_enough_to_win(monkeypatch):
            if isinstance(mod, nn.Linear) and mod.weight.numel() >= 64 * 192}
     assert big and packed_names(copy) == big
     assert linear_names(copy) == linear_names(m.backbone) - big  # the small ones stay torch's nn.Linear
-    assert pack_threshold("auto", "cuda", torch.float32) is None  # cuBLAS on a GPU: nothing to pack
+    assert onednn.kernel_threshold("auto", "cuda", torch.float32, "sample.kernels") is None  # cuBLAS on a GPU: nothing to pack
 
 
 def test_the_packed_copy_is_cached_follows_the_weights_and_leaves_them_alone():
@@ -144,9 +144,9 @@ def test_bf16_packed_sampling_equals_bf16_aten_to_rounding():
 
 def test_kernels_the_device_cannot_run_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^sample.kernels=onednn: .*runs on a CPU.*cuda$"):
-        pack_threshold("onednn", "cuda", torch.float32)
+        onednn.kernel_threshold("onednn", "cuda", torch.float32, "sample.kernels")
     with pytest.raises(ValueError, match=r"^sample.kernels: unknown kernels 'mkl'"):
-        pack_threshold("mkl", "cpu", torch.float32)
+        onednn.kernel_threshold("mkl", "cpu", torch.float32, "sample.kernels")
     m = make_module("raster")
     with pytest.raises(ValueError, match="sample.kernels"):
         generate(m, LABELS, m.sample_settings(kernels="mkl"), make_generator(0))

@@ -107,6 +107,25 @@ def test_cli_times_each_kernel_setting_against_the_eager_reference(tmp_path):
     assert " kernels |" in open(str(tmp_path / "k.md")).read()  # a column of the summary table
 
 
+
+def test_cli_times_each_training_kernel_setting(tmp_path):
+    """--kernels is an axis of the training bench too: one row per (variant, trainer.kernels), each saying how many
+    linears ran through oneDNN (onednn: all of them; aten: none)."""
+    from lightning_modules.nn.onednn import unavailable
+
+    if unavailable("cpu", torch.float32):
+        pytest.skip(unavailable("cpu", torch.float32))
+    out = str(tmp_path / "t.json")
+    assert bench_main(["train", "--size", "debug", "--grid", "4", "--vocab", "32", "--repeat", "1", "--warmup", "0",
+                       "--peak-sizes", "64", "--threads", "1", "--variants", "raster,arpg", "--kernels", "aten,onednn",
+                       "--out", out]) == 0
+    rows = json.load(open(out))["train"]["results"]
+    assert sorted((r["variant"], r["kernels"]) for r in rows) == [("arpg", "aten"), ("arpg", "onednn"),
+                                                                   ("raster", "aten"), ("raster", "onednn")]
+    for r in rows:
+        assert (r["onednn_linears"] > 0) == (r["kernels"] == "onednn") and r["gflop_per_step"] > 0
+    assert " kernels |" in open(str(tmp_path / "t.md")).read()
+
 # ---------------------------------------------------------------------------------------------- no-cache reference
 @pytest.mark.parametrize("variant,flavour", VALID)
 def test_nocache_reference_matches_cached_sampler(variant, flavour):

@@ -47,7 +47,8 @@ def bench_module(variant: str, size: str, *, flavour: str = "llama", grid: int =
     preset, dims = BENCH_SIZES[size]
     overrides = [f"model.variant={variant}", f"model.flavour={flavour}", f"model.size={preset}",
                  f"model.num_classes={num_classes}", "tokenizer.kind=codes", f"tokenizer.vocab_size={vocab}",
-                 f"trainer.compile={str(bool(compile)).lower()}", f"trainer.kernels={kernels}"] + [f"model.{k}={v}" for k, v in dims.items()]
+                 f"trainer.compile={str(bool(compile)).lower()}", f"trainer.kernels={kernels}",
+                 *[f"model.{k}={v}" for k, v in dims.items()]]
     module = build_lightning_module(load_config([], overrides), (grid, grid))
     module.fused_adam = fused_adam
     module.compile_backend = compile_backend  # "eager" in the bench's --dry-run: dynamo's capture, no codegen

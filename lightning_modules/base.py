@@ -268,7 +268,8 @@ class ARModule(L.LightningModule):
         probe = make_generator(0, self.device)
         try:
             self.ordering.decode_plan(1, s.num_steps, s.schedule, probe, device=self.device)
-            onednn.kernel_threshold(s.kernels, self.device, PRECISIONS.get(s.precision, torch.float32), "sample.kernels")
+            dtype = PRECISIONS.get(s.precision, torch.float32)
+            onednn.kernel_threshold(s.kernels, self.device, dtype, "sample.kernels")  # onednn on a GPU
         except ValueError as err:
             msg = str(err).splitlines()[0]
             raise ValueError(msg if msg.startswith("sample.") else f"sample: {msg}") from None

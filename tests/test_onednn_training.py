@@ -75,8 +75,9 @@ def test_dense_linear_takes_transposed_inputs_and_passes_torchs_op_checks():
     x = torch.randn(64, 12).t().requires_grad_()  # [12, 64], not contiguous
     w, b = torch.randn(40, 64, requires_grad=True), torch.randn(40, requires_grad=True)
     torch.testing.assert_close(onednn.dense_linear(x, w, b), F.linear(x, w, b))
-    torch.library.opcheck(onednn.dense_linear, (torch.randn(4, 8, requires_grad=True),
-                                                torch.randn(16, 8, requires_grad=True), torch.randn(16, requires_grad=True)))
+    args = (torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True),
+            torch.randn(16, requires_grad=True))
+    torch.library.opcheck(onednn.dense_linear, args)
 
 
 @pytest.mark.parametrize("variant,flavour", VALID)

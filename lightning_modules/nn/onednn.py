@@ -119,8 +119,8 @@ def _dense_linear_setup(ctx, inputs, output):
 
 
 def _dense_linear_backward(ctx, grad_out):
-    """The three gradients of y = x W^T + b: each GEMM is ``dense_linear`` again (oneDNN reads transposed views
-    through their strides, so nothing is copied), the bias grad a sum."""
+    """The three gradients of y = x W^T + b: each GEMM is ``dense_linear`` again on transposed views (oneDNN reads
+    their strides: no input is copied; a wide weight's grad is made contiguous once), the bias grad a sum."""
     x, weight = ctx.saved_tensors
     g = grad_out.reshape(-1, grad_out.shape[-1])  # [rows, out]
     rows = x.reshape(-1, x.shape[-1])  # [rows, in]

@@ -64,14 +64,20 @@ def kernel_threshold(kernels: str, device, dtype: torch.dtype, key: str) -> int 
     return 0 if kernels == "onednn" else AUTO_MIN_ENTRIES
 
 
-@torch.library.custom_op("roar::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """x [..., in] @ packed^T (+ bias) -> [..., out]; ``packed`` is ``torch.ops.mkldnn._reorder_linear_weight``'s."""
+def _linear_on_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int):
+    """x [..., in] -> [..., out] through oneDNN's linear on x's rows; ``weight`` is dense [out, in] (any strides) or
+    prepacked. The body of both custom ops below (an empty batch gives an empty result)."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], out_features)
-    y = torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("roar::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [..., in] @ packed^T (+ bias) -> [..., out]; ``packed`` is ``torch.ops.mkldnn._reorder_linear_weight``'s."""
+    return _linear_on_rows(x.contiguous(), packed, bias, out_features)
 
 
 @onednn_linear.register_fake
@@ -100,11 +106,7 @@ class PackedLinear(nn.Module):
 @torch.library.custom_op("roar::dense_linear", mutates_args=())
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through oneDNN on the dense weight: x [..., in], weight [out, in] -> [..., out]."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] == 0:
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
-    y = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _linear_on_rows(x, weight, bias, weight.shape[0])
 
 
 @dense_linear.register_fake

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiments.config import ConfigError, load_config
@@ -27,8 +28,21 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
-    print(f"error: {message}", file=sys.stderr)
+def say(line: str, *, alone: bool = False) -> None:
+    """``line`` on stderr in one write. ``alone`` is for a running multi-rank job, whose ranks and Rich progress bar
+    share one stream (a SLURM log): a newline first ends a half-drawn bar, and a single write keeps their output out
+    of the middle of the line (print() writes the text and its newline separately), so `grep '^error: '` finds it."""
+    text = ("\n" if alone else "") + line + "\n"
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a captured stream): the stream's own write
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def fail(message: str, code: int = 2, *, alone: bool = False) -> "NoReturn":  # noqa: F821
+    say(f"error: {message}", alone=alone)
     raise SystemExit(code)
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 
 import lightning as L
 import torch
 
+from experiments.cli import say
 from experiments.watchdog import kill_launched
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -174,8 +174,8 @@ class GracefulStop(L.Callback):
         self.ending = True
         where = f" at {self.watchdog.where()}{self.watchdog.peers()}" if self.watchdog is not None else ""
         rank = getattr(self.trainer, "global_rank", 0)
-        print(f"roar: rank {rank}: {signal.Signals(signum).name}: {why}{where}; ending "
-              f"{'every rank without a checkpoint' if force else 'now'}", file=sys.stderr, flush=True)
+        say(f"roar: rank {rank}: {signal.Signals(signum).name}: {why}{where}; ending "
+            f"{'every rank without a checkpoint' if force else 'now'}", alone=True)
         if force:
             kill_launched(self.trainer, signal.SIGKILL)
         else:  # the launched ranks got the signal too and end the same way; give them a moment

@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 from omegaconf import OmegaConf
 
-from experiments.cli import config_parser, fail, parse_config
+from experiments.cli import config_parser, fail, parse_config, say
 from experiments.config import ConfigError, batch_layout, config_hash, run_name
 
 
@@ -66,7 +65,7 @@ def ended_ranks(trainer, cfg, err: BaseException) -> BaseException:
         watchdog.disarm()  # the wait below is bounded on its own
     reap_launched(trainer, cfg.trainer.stop_grace_s)
     if watchdog is not None and is_collective_failure(err):
-        return CollectiveFailure(watchdog.describe_failure(err))
+        return CollectiveFailure(watchdog.describe_failure(err) if watchdog.claim_line() else "")
     return err
 
 
@@ -172,12 +171,16 @@ def main(argv=None) -> int:
         fail(f"config {err}")
     except RunStopped as stop:  # SIGTERM / SIGINT: saved and stopped at a step boundary (experiments/signals.py)
         if stop.announce:
-            print(stop, file=sys.stderr, flush=True)
+            say(str(stop), alone=True)
         return stop.code
     except (FileNotFoundError, TokenizerMismatchError, CheckpointError) as err:
         fail(str(err).splitlines()[0], 2)  # bad input (a file, a checkpoint): one line naming it, no traceback
-    except (NonFiniteLossError, CollectiveFailure) as err:
-        fail(str(err).splitlines()[0], 1)  # the run failed: one line naming the cause, no traceback
+    except CollectiveFailure as err:  # one line for the run; "" when another rank wrote it (watchdog.claim_line)
+        if str(err):
+            fail(str(err), 1, alone=True)
+        return 1
+    except NonFiniteLossError as err:
+        fail(str(err).splitlines()[0], 1, alone=True)  # the run failed: one line naming the cause, no traceback
     return 0
 
 

@@ -14,8 +14,10 @@ in (a collective whose peer never comes, or a peer stuck outside any collective)
 
 then SIGKILLs the ranks this process launched (Lightning's ``launcher.kill``) and exits 1; when the stuck rank is
 a launched one, Lightning's child-process observer ends the launcher in turn. One line for the run: the first
-rank to give up prints it (a shared store counter), and a rank defers briefly to a peer that stopped earlier,
-i.e. to the stuck rank rather than one waiting for it. Each rank publishes its location
+rank to give up prints it (a shared store counter; the others wait, bounded, until it is written before they kill
+anything), and a rank defers briefly to a peer that stopped earlier, i.e. to the stuck rank rather than one waiting
+for it. The line is written on a line of its own in one write (``experiments.cli.say``): rank 0's progress bar
+shares the stream. Each rank publishes its location
 to the process group's store, a server thread in rank 0's process that answers while the main threads are stuck,
 which is how the line names the peers' locations. The process groups (DDP, DeepSpeed) get the timeout
 T + max(60 s, T/10) (``process_group_timeout``): the monitor, which knows where, speaks first on every backend
@@ -35,6 +37,8 @@ from datetime import timedelta
 
 import lightning as L
 from lightning.pytorch.profilers import Profiler
+
+from experiments.cli import say
 
 STORE_KEY = "roar/where/{}"
 # how gloo / NCCL errors read when they are not torch.distributed.DistError (a DataLoader timeout is not one)
@@ -185,8 +189,11 @@ class Watchdog(Profiler):
                     continue
                 self.exiting = True
                 if not reported and self._reports(1) == 1:  # one line: the ranks waiting would say the same
-                    print(f"error: rank {self.rank}: no progress for {idle:.0f} s (trainer.collective_timeout_s="
-                          f"{self.timeout_s:g}) at {where}{self.peers()}", file=sys.stderr, flush=True)
+                    say(f"error: rank {self.rank}: no progress for {idle:.0f} s (trainer.collective_timeout_s="
+                        f"{self.timeout_s:g}) at {where}{self.peers()}", alone=True)
+                    self._publish_said()
+                else:  # the rank that counted itself first may be between the count and its line: killing it now
+                    self._await_said(2 * self.poll_s + 1.0)  # (the launcher SIGKILLs its ranks) would lose the line
                 kill_launched(self.trainer, signal.SIGKILL)
                 os._exit(1)  # from this thread: the main thread may be blocked in C++ for good
 
@@ -198,6 +205,11 @@ class Watchdog(Profiler):
         mine = time.time() - idle
         return any(since < mine - 0.001 for _, since in self.peer_states().values())
 
+    def claim_line(self) -> bool:
+        """Whether this rank is the first to report the run's failure (then it writes the one line; the others
+        keep quiet). A collective error that reaches Python usually follows a peer that already wrote its line."""
+        return self._reports(1) == 1
+
     def _reports(self, add: int) -> int:
         """The ranks' shared count of failure lines printed (an atomic store counter), after adding ``add``."""
         store = _store()
@@ -205,6 +217,25 @@ class Watchdog(Profiler):
             return store.add(STORE_KEY.format("failed"), add) if store is not None else add
         except Exception:  # noqa: BLE001 - no store: every rank speaks for itself
             return add
+
+    def _publish_said(self) -> None:
+        store = _store()
+        try:
+            if store is not None:
+                store.set(STORE_KEY.format("said"), str(self.rank))
+        except Exception:  # noqa: BLE001 - the others then wait out _await_said's bound
+            pass
+
+    def _await_said(self, bound_s: float) -> None:
+        """Wait (at most ``bound_s``) until the reporting rank has written its line; a dead store ends the wait."""
+        store, deadline = _store(), time.monotonic() + bound_s
+        while store is not None and time.monotonic() < deadline:
+            try:
+                if store.check([STORE_KEY.format("said")]):
+                    return
+            except Exception:  # noqa: BLE001 - rank 0's store is gone: nobody is left to wait for
+                return
+            time.sleep(0.05)
 
     def _publish(self, where: str, since: float) -> bool:
         store = _store()
@@ -244,4 +275,5 @@ def is_collective_failure(err: BaseException) -> bool:
 
 
 class CollectiveFailure(RuntimeError):
-    """A collective timed out or lost a peer; ``str()`` is the one line naming the rank and where."""
+    """A collective timed out or lost a peer; ``str()`` is the one line naming the rank and where, or "" when another
+    rank has already written the run's line (this rank's error is the consequence: that rank ended)."""

@@ -109,6 +109,23 @@ def test_watchdog_names_the_innermost_action_and_where_an_exception_left():
     assert w.failed_in(RuntimeError("another")) == "step 0 in after [Strategy]DDPStrategy.backward"
 
 
+def test_a_rank_line_stands_alone_in_a_stream_shared_with_a_progress_bar(capfd, monkeypatch):
+    """The ranks and rank 0's Rich bar write to one stream (a SLURM log); the failure line must still be a line of
+    its own that `grep '^error: rank'` finds: a newline ends the half-drawn bar, and the line and its newline go
+    out in one write, so no other process's output lands between them."""
+    import experiments.cli as cli
+
+    sys.stderr.write("Epoch 0/-2   2/179 0:00:11")  # a bar redraw, no newline yet
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(cli.os, "write", lambda fd, data: writes.append(data) or real_write(fd, data))
+    cli.say("error: rank 1: no progress for 11 s", alone=True)
+    sys.stderr.write("   train/loss: 2.8")  # the bar's next redraw
+    err = capfd.readouterr().err
+    assert "error: rank 1: no progress for 11 s" in err.splitlines(), err
+    assert writes == [b"\nerror: rank 1: no progress for 11 s\n"]
+
+
 # ----------------------------------------------------------------------------- slow: real runs
 @pytest.mark.slow
 @pytest.mark.timeout(240)

@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo demo-vq study test test-slow test-all test-gpu bench bench-gpu bench-gpu-dry clean
+.PHONY: venv demo demo-vq study test test-slow test-all test-gpu bench bench-gpu bench-gpu-dry gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,23 @@ bench-gpu:
 # The same code on this CPU at toy sizes (no GPU needed): checks the script end to end.
 bench-gpu-dry:
 	$(BENCH_PY) -m experiments.bench all --suite gpu --dry-run --threads 1 --out runs/bench/gpu_dry.json
+
+# Wheels for a lent GPU, whose image (torch 2.11, Python 3.12, no registry) lacks these of roar's packages and
+# their needs (its list: /work/.library/device/KINDS.md; bench-gpu's preflight names any other): this .venv's
+# versions, binary wheels for cp312, else built here (deepspeed ships an sdist only; its ops build on first use).
+# The device command: docs/benchmarks.md, "On a lent GPU".
+GPU_WHEELS := omegaconf webdataset braceexpand torch-fidelity deepspeed hjson pydantic pydantic-core annotated-types \
+              typing-inspection typing-extensions
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir .whl
+	for p in $(GPU_WHEELS); do \
+	  v=$$($(VPY) -c "import importlib.metadata as m; print(m.version('$$p'))") || exit 1; \
+	  $(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$p==$$v" 2>/dev/null || $(VPY) -m pip wheel -q --no-deps --no-build-isolation -w .whl "$$p==$$v" \
+	    || { echo "gpu-wheels: no wheel for $$p==$$v"; exit 1; }; \
+	done
+	ls .whl
 
 clean:
 	rm -rf runs .cache

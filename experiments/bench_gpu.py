@@ -5,9 +5,10 @@
 
 Each unit starts only while the budget (``--budget-s``, default 540 s; unlimited in a dry run) is expected to hold
 it (the longest unit of its kind so far), the rest are listed under ``skipped``; every ordering gets one kind of
-figure before any gets the next (batch-1 sampling, training at B, batch-64 sampling, training at L):
+figure before any gets the next (batch-1 sampling at B, then at L, training at B, batch-64 sampling, training at L):
   1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py), their summary line and exit status;
-  2. sampling images/s per ordering at the papers' step counts (``Ordering.headline_steps``), batch 1 and 64,
+  2. sampling images/s per ordering at the papers' step counts (``Ordering.headline_steps``), batch 1 (size B and
+     L: ARPG 32 steps against raster 256 at L is the speed claim to check) and 64 (size B),
      CFG 4, bf16 weights (the official samplers' precision), the fast decode path (sample.compile=on: CUDA graphs),
      with model FLOPs, MFU and peak memory;
   3. the training step per ordering at size B, bf16-mixed (autocast), flash SDPA where the mask allows, the
@@ -101,8 +102,8 @@ def run_suite(a, results: dict) -> dict:
     backend, fast_decode.BACKEND = fast_decode.BACKEND, "eager" if dry else fast_decode.BACKEND
     sample_rows, train_rows = [], []
 
-    def sample(v, batch):
-        s = bench_sample([v], [sizes[0]], flavour=a.flavour, batches=[batch], repeat=repeat, warmup=warmup,
+    def sample(v, batch, size):
+        s = bench_sample([v], [size], flavour=a.flavour, batches=[batch], repeat=repeat, warmup=warmup,
                          device=device, grid=grid, vocab=vocab, no_sweep=True, nocache="off", draws=["multinomial"],
                          precisions=["bf16"], compiles=["on"], cfgs=[4.0], memory=True)
         sample_rows.extend(s["results"])
@@ -114,11 +115,14 @@ def run_suite(a, results: dict) -> dict:
         train_rows.extend(r["results"])
         results["train"] = {**r, "results": train_rows}
 
-    # every ordering gets each kind of figure before any gets the next: batch-1 sampling, training at B, batch-64
-    # sampling, training at L; a unit starts only while the budget holds the longest of its kind so far
-    units = [(f"sample batch {batches[0]}", 30.0, sample, (v, batches[0])) for v in variants]
+    # every ordering gets each kind of figure before any gets the next: batch-1 sampling at B then at L (the
+    # step-count comparisons, e.g. ARPG 32 steps vs raster 256, at the size the papers report), training at B,
+    # batch-64 sampling, training at L; a unit starts only while the budget holds the longest of its kind so far
+    units = [(f"sample {sizes[0]} batch {batches[0]}", 30.0, sample, (v, batches[0], sizes[0])) for v in variants]
+    units += [(f"sample {sizes[-1]} batch {batches[0]}", 45.0, sample, (v, batches[0], sizes[-1]))
+              for v in variants if len(sizes) > 1]
     units += [(f"train {sizes[0]}", 60.0, train, (v, sizes[0])) for v in variants]
-    units += [(f"sample batch {batches[1]}", 30.0, sample, (v, batches[1])) for v in variants]
+    units += [(f"sample {sizes[0]} batch {batches[1]}", 30.0, sample, (v, batches[1], sizes[0])) for v in variants]
     units += [(f"train {sizes[-1]}", 90.0, train, (v, sizes[-1])) for v in variants if len(sizes) > 1]
     try:
         for kind, default, fn, args in units:

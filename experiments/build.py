@@ -168,6 +168,14 @@ def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -
     watchdog = Watchdog(t.collective_timeout_s)
     stop = GracefulStop(last, t.stop_grace_s, watchdog)
     callbacks += [WatchdogHooks(watchdog), stop]
+    from lightning_modules.callbacks.line_progress import LineProgressBar
+    from lightning_modules.progress import progress_mode
+
+    shown = progress_mode()  # off a terminal (a SLURM log) status lines, not Rich's bar (callbacks/line_progress.py)
+    if shown == "lines" and not quiet:
+        callbacks.append(LineProgressBar())
+    elif shown == "off":
+        overrides["enable_progress_bar"] = False
     kwargs = dict(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy, precision=t.precision, accumulate_grad_batches=accumulate,

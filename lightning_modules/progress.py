@@ -29,6 +29,11 @@ def _mode(enabled: bool, stream) -> str:
     return forced or ("bar" if getattr(stream, "isatty", lambda: False)() else "lines")
 
 
+def progress_mode(stream=None) -> str:
+    """"bar", "lines" or "off": what an enabled progress display on ``stream`` (stderr) shows here."""
+    return _mode(True, stream or sys.stderr)
+
+
 def _clock(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -38,21 +43,23 @@ class Progress:
     """``update(n)`` as work completes; ``close()`` (or use as a context manager) prints the final line."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", enabled: bool = True,
-                 every_s: float | None = None, stream=None):
+                 every_s: float | None = None, stream=None, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
+        self.initial = initial  # done before this start (a resumed run): left out of the rate and the eta
+        self.postfix = ""  # appended to each line (e.g. the latest loss)
         self.stream = stream or sys.stderr
         self.mode = _mode(enabled, self.stream)
         self.every_s = float(os.environ.get("ROAR_PROGRESS_EVERY_S", 30) if every_s is None else every_s)
-        self.done, self.start, self.last_line = 0, time.time(), time.time()
+        self.done, self.start, self.last_line = initial, time.time(), time.time()
         self.bar = None
         if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True, initial=initial)
 
     def line(self) -> str:
         elapsed = time.time() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc}: {self.done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.1f}%)"
@@ -60,7 +67,7 @@ class Progress:
         parts.append(f"elapsed {_clock(elapsed)}")
         if self.total and rate > 0:
             parts.append(f"eta {_clock((self.total - self.done) / rate)}")
-        return ", ".join(parts)
+        return ", ".join(parts + ([self.postfix] if self.postfix else []))
 
     def update(self, n: int = 1) -> None:
         self.done += n

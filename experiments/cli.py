@@ -29,9 +29,10 @@ def write_json(path: str, obj) -> None:
 
 
 def say(line: str, *, alone: bool = False) -> None:
-    """``line`` on stderr in one write. ``alone`` is for a running multi-rank job, whose ranks and Rich progress bar
-    share one stream (a SLURM log): a newline first ends a half-drawn bar, and a single write keeps their output out
-    of the middle of the line (print() writes the text and its newline separately), so `grep '^error: '` finds it."""
+    """``line`` on stderr in one write. ``alone`` is for a running multi-rank job, whose ranks and rank 0's progress
+    display share one stream (a SLURM log): a newline first ends a half-drawn bar, and a single write keeps their
+    output out of the middle of the line (print() writes the text and its newline separately), so
+    `grep '^error: '` finds it."""
     text = ("\n" if alone else "") + line + "\n"
     sys.stderr.flush()
     try:

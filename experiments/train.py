@@ -144,8 +144,10 @@ def run(cfg, quiet: bool = False) -> dict:
             log_run_summary(trainer.logger, cfg, result, trainer.global_step, {"params": n_params})
         if not quiet:
             print(f"roar: {name}: val NLL {result['val_nll_bits']} bits/token after {result['steps']} steps")
-            print(f"roar: wrote {run_dir}/ (config.yaml, tb/ TensorBoard logs, checkpoints/last.ckpt, samples/, "
-                  f"metrics.json)")
+            parts = {"config.yaml": "config.yaml", "tb": "tb/ TensorBoard logs", "checkpoints": "checkpoints/",
+                     "samples": "samples/", "metrics.json": "metrics.json"}  # those this run has (samples may be off)
+            wrote = [text for entry, text in parts.items() if os.path.exists(os.path.join(run_dir, entry))]
+            print(f"roar: wrote {run_dir}/ ({', '.join(wrote)})")
     from experiments.watchdog import reap_launched
 
     reap_launched(trainer, cfg.trainer.stop_grace_s)  # the launcher exits after the ranks it started, not before

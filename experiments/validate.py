@@ -141,12 +141,11 @@ def validate(cfg: DictConfig) -> None:
         from lightning_modules.sampling import PRECISIONS
 
         device = "cuda" if on_gpu(cfg) else "cpu"
-        if s.kernels == "onednn":
-            why = unavailable(device, PRECISIONS[s.precision or "fp32"])
-            _check(why is None, "sample.kernels", f"onednn cannot run here: {why}")
+        for key, kernels, dtype in (("sample.kernels", s.kernels, PRECISIONS[s.precision or "fp32"]),
+                                    ("trainer.kernels", t.kernels, torch.float32)):  # training linears are fp32
+            why = unavailable(device, dtype) if kernels == "onednn" else None
+            _check(why is None, key, f"onednn cannot run here: {why}")
         if t.kernels == "onednn":
-            why = unavailable(device, torch.float32)
-            _check(why is None, "trainer.kernels", f"onednn cannot run here: {why}")
             _check(t.precision in ("32-true", "32"), "trainer.kernels",
                    f"onednn runs the fp32 linears of trainer.precision=32-true; under {t.precision} the linears "
                    "are torch's (on a CPU its bf16 linear is oneDNN already): use trainer.kernels=auto or aten")

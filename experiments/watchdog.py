@@ -191,7 +191,7 @@ class Watchdog(Profiler):
                 if not reported and self._reports(1) == 1:  # one line: the ranks waiting would say the same
                     say(f"error: rank {self.rank}: no progress for {idle:.0f} s (trainer.collective_timeout_s="
                         f"{self.timeout_s:g}) at {where}{self.peers()}", alone=True)
-                    self._publish_said()
+                    self._set(STORE_KEY.format("said"), str(self.rank))  # else the others wait out the bound
                 else:  # the rank that counted itself first may be between the count and its line: killing it now
                     self._await_said(2 * self.poll_s + 1.0)  # (the launcher SIGKILLs its ranks) would lose the line
                 kill_launched(self.trainer, signal.SIGKILL)
@@ -218,13 +218,6 @@ class Watchdog(Profiler):
         except Exception:  # noqa: BLE001 - no store: every rank speaks for itself
             return add
 
-    def _publish_said(self) -> None:
-        store = _store()
-        try:
-            if store is not None:
-                store.set(STORE_KEY.format("said"), str(self.rank))
-        except Exception:  # noqa: BLE001 - the others then wait out _await_said's bound
-            pass
 
     def _await_said(self, bound_s: float) -> None:
         """Wait (at most ``bound_s``) until the reporting rank has written its line; a dead store ends the wait."""
@@ -238,10 +231,15 @@ class Watchdog(Profiler):
             time.sleep(0.05)
 
     def _publish(self, where: str, since: float) -> bool:
+        return self._set(STORE_KEY.format(self.rank), f"{where}|{since}")
+
+    @staticmethod
+    def _set(key: str, value: str) -> bool:
+        """``key`` = ``value`` in the process group's store; False when there is none (or it is gone)."""
         store = _store()
         try:
             if store is not None:
-                store.set(STORE_KEY.format(self.rank), f"{where}|{since}")
+                store.set(key, value)
                 return True
         except Exception:  # noqa: BLE001 - diagnostics only
             pass

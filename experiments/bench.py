@@ -128,7 +128,8 @@ def markdown(results: dict) -> str:
             lines.append(f"- matmul peak ({key.split('_')[1]}, load {results[key]['load_average']}): {text}")
     if "gpu_tests" in results:
         g = results["gpu_tests"]
-        lines += ["", "## GPU tests", "", f"`{g['command']}`: exit {g['rc']}, {g['summary']} ({g['seconds']} s)"]
+        lines += ["", "## GPU tests", "", f"`{g['command']}`: exit {g['rc']}, {g['summary']} ({g['seconds']} s; "
+                  f"output: {g.get('log', '-')})", *(f"- {x}" for x in g.get("failed", []))]
     if results.get("skipped"):
         lines += ["", "skipped (time budget): " + "; ".join(results["skipped"])]
     if "train" in results:

@@ -6,7 +6,8 @@
 Each unit starts only while the budget (``--budget-s``, default 540 s; unlimited in a dry run) is expected to hold
 it (the longest unit of its kind so far), the rest are listed under ``skipped``; every ordering gets one kind of
 figure before any gets the next (batch-1 sampling at B, then at L, training at B, batch-64 sampling, training at L):
-  1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py), their summary line and exit status;
+  1. the GPU tests (`pytest -m gpu`, tests/test_gpu.py), their summary line, exit status and FAILED lines, the
+     whole output in FILE_tests.log beside the JSON;
   2. sampling images/s per ordering at the papers' step counts (``Ordering.headline_steps``), batch 1 (size B and
      L: ARPG 32 steps against raster 256 at L is the speed claim to check) and 64 (size B),
      CFG 4, bf16 weights (the official samplers' precision), the fast decode path (sample.compile=on: CUDA graphs),
@@ -61,19 +62,28 @@ class Budget:
         self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
 
 
-def gpu_tests(timeout: float, dry_run: bool) -> dict:
-    """`pytest -m gpu` in a subprocess (on a CPU machine every test skips: the same invocation, nothing to run)."""
+def gpu_tests(timeout: float, dry_run: bool, log_path: str) -> dict:
+    """`pytest -m gpu` in a subprocess (on a CPU machine every test skips: the same invocation, nothing to run). Its
+    whole output goes to ``log_path`` (a failure's traceback is the one thing a one-off GPU lease must bring back);
+    the result keeps the summary line and pytest's FAILED / ERROR lines."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"]
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=max(timeout, 1))
+        text, rc = p.stdout + p.stderr, p.returncode
         lines = [x for x in p.stdout.strip().splitlines() if x.strip()]
-        out = {"rc": p.returncode, "summary": lines[-1] if lines else p.stderr.strip()[-300:]}
-    except subprocess.TimeoutExpired:
-        out = {"rc": None, "summary": f"timed out after {timeout:.0f} s"}
-    out.update(command=" ".join(cmd[2:]), seconds=round(time.perf_counter() - t, 1), dry_run=dry_run)
-    return out
+        summary = lines[-1] if lines else p.stderr.strip()[-300:]
+    except subprocess.TimeoutExpired as err:  # what it printed so far still names the tests that finished
+        text = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (err.stdout,
+                                                                                                  err.stderr))
+        rc, summary = None, f"timed out after {timeout:.0f} s"
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    with open(log_path, "w") as f:
+        f.write(text)
+    failed = [x for x in text.splitlines() if x.startswith(("FAILED ", "ERROR "))]
+    return {"rc": rc, "summary": summary, "failed": failed, "log": log_path, "command": " ".join(cmd[2:]),
+            "seconds": round(time.perf_counter() - t, 1), "dry_run": dry_run}
 
 
 def run_suite(a, results: dict) -> dict:
@@ -98,7 +108,8 @@ def run_suite(a, results: dict) -> dict:
                         "flash_sdp_enabled": bool(torch.backends.cuda.flash_sdp_enabled())}
     results["skipped"] = []
     results["peak_before"] = matmul_peak(device, ("fp32", "bf16"), peak_sizes)
-    results["gpu_tests"] = gpu_tests(min(240.0, budget.left() / 3), dry)
+    log = os.path.splitext(a.out)[0] + "_tests.log"
+    results["gpu_tests"] = gpu_tests(min(240.0, budget.left() / 2), dry, log)  # the checks first, then figures
     backend, fast_decode.BACKEND = fast_decode.BACKEND, "eager" if dry else fast_decode.BACKEND
     sample_rows, train_rows = [], []
 

@@ -12,6 +12,13 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared")
 VENDORED_FIXTURES = os.path.join(REPO, "tests", "assets", "parity")  # the tiny fixtures, traces, schedules, manifest
 
 
+def subprocess_env(*paths: str, **extra: str) -> dict:
+    """os.environ for a CLI subprocess: ``paths`` put in front of PYTHONPATH, never in its place (the GPU image's
+    packages arrive on PYTHONPATH: docs/benchmarks.md, "On a lent GPU"), plus ``extra`` variables."""
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([*paths, *kept]), **extra)
+
+
 def _parity_fixtures() -> str:
     """ROAR_PARITY_FIXTURES if set; else ../shared/fixtures/parity (the full set, `small` sizes included) when it
     exists; else the vendored copy, so that a clean clone runs every parity test but the `small` ones."""

@@ -304,7 +304,7 @@ def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
     import experiments.bench_gpu as bench_gpu
 
     calls = []
-    monkeypatch.setattr(bench_gpu, "gpu_tests", lambda timeout, dry: calls.append(dry) or
+    monkeypatch.setattr(bench_gpu, "gpu_tests", lambda timeout, dry, log: calls.append(dry) or
                         {"rc": 0, "summary": "stub", "command": "pytest -m gpu", "seconds": 0.0, "dry_run": dry})
     out = str(tmp_path / "gpu.json")
     rc = bench_main(["all", "--suite", "gpu", "--dry-run", "--variants", "raster,arpg", "--threads", "1",
@@ -334,3 +334,23 @@ def test_gpu_suite_names_a_missing_package_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(bench_gpu.preflight, "__defaults__", (("sklearn_missing_for_test",),))
     assert bench_main(["all", "--suite", "gpu", "--dry-run", "--out", "unused.json"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_test_subprocesses_keep_the_packages_carried_on_pythonpath(tmp_path, monkeypatch):
+    """On the GPU image roar's missing packages arrive through PYTHONPATH (docs/benchmarks.md, "On a lent GPU"); the
+    CLI runs of tests/test_gpu.py (bf16-mixed, DeepSpeed) must still import them, with this checkout first."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    carried = tmp_path / "site"
+    (carried / "carried_pkg").mkdir(parents=True)
+    (carried / "carried_pkg" / "__init__.py").write_text("VALUE = 7\n")
+    monkeypatch.setenv("PYTHONPATH", str(carried))
+    probe = "import carried_pkg, experiments, sys; print(carried_pkg.VALUE, experiments.__file__)"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=str(tmp_path), env=subprocess_env(REPO),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    value, where = proc.stdout.split()
+    assert value == "7" and where.startswith(REPO)

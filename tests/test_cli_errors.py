@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV = subprocess_env(REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 DEBUG = "experiments/configs/debug_raster.yaml"
 TRAIN = ["experiments.train", "-c", DEBUG, "trainer.max_steps=1", "callbacks.sample_every_steps=0"]
 

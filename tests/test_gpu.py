@@ -1,6 +1,7 @@
 """GPU-only checks (`make test-gpu` = pytest -m gpu; skipped without CUDA): the training forward on CUDA against
 the CPU, bf16 autocast and bf16 sampling, the flash SDPA kernel on the shapes a raster decode produces, and
-Lightning's stock DeepSpeed strategy and bf16-mixed training for real.
+the fast decode step under CUDA graphs against the eager loop, Lightning's stock DeepSpeed strategy and bf16-mixed
+training for real.
 
 ROAR_TEST_DEVICE=cpu runs the device-independent parts on the CPU (a check of the test code itself on machines
 without a GPU; the DeepSpeed/Lightning GPU runs stay skipped there).
@@ -15,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, VALID, make_module
+from conftest import REPO, VALID, make_module, subprocess_env
 from lightning_modules.sampling import generate
 
 DEVICE = os.environ.get("ROAR_TEST_DEVICE", "cuda")
@@ -75,11 +76,29 @@ def test_one_token_decode_steps_run_on_the_flash_kernel(variant):
 
     m = make_module(variant).to(DEVICE)
     labels = torch.tensor([0, 3], device=DEVICE)
-    settings = m.sample_settings(cfg_scale=2.0, precision="bf16")
+    # the eager loop: a compiled step (sample.compile=auto is on with CUDA) would not re-trace inside sdpa_kernel
+    settings = m.sample_settings(cfg_scale=2.0, precision="bf16", compile="off")
     expected = generate(m, labels, settings, torch.Generator(DEVICE).manual_seed(0))
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         flash = generate(m, labels, settings, torch.Generator(DEVICE).manual_seed(0))
     assert flash.shape == expected.shape and (flash == expected).float().mean() > 0.9  # same path up to bf16 ties
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant", ["raster", "arpg"])
+def test_cuda_graph_decode_gives_the_eager_loops_tokens(variant):
+    """sample.compile=on with CUDA: the static step under torch.compile's reduce-overhead mode (CUDA graphs; the
+    in-place cache and token writes on static addresses) draws the same tokens for the same seed as the eager loop,
+    on the first call (warm-up, recording) and the second (replay). fp32, multinomial: the Exp(1) noise is drawn
+    from the same CUDA generator stream on both paths (lightning_modules/fast_decode.py). Raster: one-slot steps;
+    ARPG: several position queries per step over the shared K/V, a new step size every step."""
+    m = make_module(variant).to("cuda")
+    labels = torch.tensor([0, 3, 4], device="cuda")
+    steps = 4 if m.ordering.capabilities.parallel else N
+    for seed in (0, 1):
+        codes = {c: generate(m, labels, m.sample_settings(num_steps=steps, cfg_scale=2.5, compile=c),
+                             torch.Generator("cuda").manual_seed(seed)) for c in ("off", "on")}
+        assert torch.equal(codes["on"], codes["off"]), f"{variant}, seed {seed}: the CUDA-graph step drew other tokens"
 
 
 def train_run(tmp_path, name: str, *overrides: str) -> dict:
@@ -87,7 +106,7 @@ def train_run(tmp_path, name: str, *overrides: str) -> dict:
            "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=4", "trainer.global_batch_size=8",
            "trainer.val_every_steps=1000", "trainer.ckpt_every_steps=1000", "trainer.limit_val_batches=1",
            "callbacks.sample_every_steps=0", "resume=never", f"out_dir={tmp_path}", f"name={name}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(REPO), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     with open(os.path.join(tmp_path, name, "metrics.json")) as f:

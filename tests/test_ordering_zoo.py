@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, make_module
+from conftest import REPO, make_module, subprocess_env
 from lightning_modules.sampling import generate
 from lightning_modules.scans import SCANS, scan_order
 
@@ -99,7 +99,7 @@ def test_eval_orders_and_token_nll():
 # ------------------------------------------------------------------------------------------------ through the CLI
 def cli(args, cwd=REPO, env=None, timeout=600):
     proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, PYTHONPATH=cwd, PYTHONUNBUFFERED="1", **(env or {})))
+                          env=subprocess_env(cwd, PYTHONUNBUFFERED="1", **(env or {})))
     assert proc.returncode == 0, f"{' '.join(args)}:\n{(proc.stdout + proc.stderr)[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -169,5 +169,5 @@ def test_a_new_ordering_is_one_file_plus_one_registry_line(tmp_path):
              "generate(m, torch.tensor([0]), m.sample_settings(), None, recorder=rec.append); "
              "print([int(r['positions'][0, 0]) for r in rec][:3])")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=str(repo), capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(repo)))
+                          env=subprocess_env(str(repo)))
     assert proc.stdout.strip().endswith("[63, 62, 61]"), proc.stdout + proc.stderr[-2000:]

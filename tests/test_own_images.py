@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def readme_commands(section: str = "## Your own images") -> list[str]:
 
 def env() -> dict:
     bin_dir = os.path.dirname(sys.executable)  # `python` and `torchrun` in the README resolve to this venv
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    return subprocess_env(REPO, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
 
 
 def run(cmd: str, cwd, timings: dict | None = None) -> str:
@@ -157,7 +157,7 @@ def test_pretokenize_sbatch_two_tasks(tmp_path):
                            "--val-shards", str(tmp_path / "shards" / "val-*.tar"), "--out", str(tmp_path / "codes"),
                            "--tokenizer-kind", "llamagen_vq", "--tokenizer-path",
                            str(tmp_path / "vq" / "tokenizer.safetensors"), "--image-size", "64"],
-                          cwd=REPO, env=dict(os.environ, ROAR_PYTHON=sys.executable, PYTHONPATH=REPO),
+                          cwd=REPO, env=subprocess_env(REPO, ROAR_PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]

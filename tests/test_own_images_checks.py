@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 from data_helpers import make_code_shards, make_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,7 +182,7 @@ def test_a_run_without_val_data_says_so_once(tmp_path):
                            "data.kind=images", f"data.train_shards={pattern}", "data.image_size=8",
                            "trainer.max_steps=2", "trainer.global_batch_size=4", "callbacks.sample_every_steps=0",
                            f"out_dir={tmp_path / 'runs'}", "name=noval"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
+                          timeout=600, env=subprocess_env(REPO))
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert log.count("no validation data: data.val_shards is empty") == 1

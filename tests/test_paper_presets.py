@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 PRESETS = sorted(p for p in glob.glob(os.path.join(REPO, "experiments", "configs", "*_*.yaml"))
                  if not os.path.basename(p).startswith("debug_"))
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV = subprocess_env(REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
 def documented_trainers(path: str) -> list[str]:

@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+ENV = subprocess_env(REPO, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 TRAIN = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
          "trainer.max_steps=3", "trainer.val_every_steps=3", "trainer.limit_val_batches=1",
          "callbacks.sample_every_steps=0", "resume=never"]

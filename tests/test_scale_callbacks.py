@@ -25,8 +25,10 @@ import time
 
 import pytest
 
+from conftest import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+ENV = subprocess_env(REPO, PYTHONUNBUFFERED="1")
 EVERY = ["callbacks.sample_every_steps=2", "callbacks.order_map_every_steps=2", "callbacks.sample_classes=[0,1]",
          "callbacks.sample_per_class=1", "callbacks.ema_decay=0.9", "eval.fid_num_samples=30",
          "eval.fid_every_steps=2", "trainer.log_every_steps=2"]
@@ -53,8 +55,8 @@ def train(out_dir, name: str, steps: int, *overrides: str) -> dict:
 def stop_after_step_2(out_dir, name: str, steps: int, *overrides: str) -> None:
     """SIGTERM to the launcher once rank 0 finished step 2 (tests/rank_helpers.py records it); it must save and stop."""
     probe = os.path.join(out_dir, f"{name}-probe")
-    env = dict(ENV, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), ROAR_TEST_DIR=probe,
-               ROAR_EXTRA_CALLBACKS="rank_helpers:from_env")
+    env = subprocess_env(REPO, os.path.join(REPO, "tests"), PYTHONUNBUFFERED="1", ROAR_TEST_DIR=probe,
+                         ROAR_EXTRA_CALLBACKS="rank_helpers:from_env")
     with open(os.path.join(out_dir, f"{name}-stopped.log"), "w") as log:
         proc = subprocess.Popen(command(out_dir, name, steps, *overrides), cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -16,6 +16,8 @@ from datetime import timedelta
 
 import pytest
 
+from conftest import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 TRAIN = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
@@ -25,8 +27,8 @@ TRAIN = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/d
 
 
 def start(tmp_path, *overrides: str, stall: str = "") -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]), PYTHONUNBUFFERED="1",
-               ROAR_EXTRA_CALLBACKS="rank_helpers:from_env", ROAR_TEST_DIR=str(tmp_path / "probe"))
+    env = subprocess_env(REPO, TESTS, PYTHONUNBUFFERED="1",
+                         ROAR_EXTRA_CALLBACKS="rank_helpers:from_env", ROAR_TEST_DIR=str(tmp_path / "probe"))
     env.pop("ROAR_TEST_STALL", None)
     if stall:
         env["ROAR_TEST_STALL"] = stall

@@ -112,7 +112,9 @@ def run_arm(tmp_path, name: str, extra: list[str]) -> tuple[list[float], list[li
     out.mkdir()
     cmd = [sys.executable, os.path.abspath(__file__), str(out), *COMMON, f"out_dir={tmp_path}/runs",
            f"name={name}", *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    from conftest import subprocess_env  # here, not at the top: this file also runs as the ranks' script
+
+    env = subprocess_env(ROOT, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     ranks = sorted(out.glob("losses-rank*.json"))

@@ -14,13 +14,15 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 TRAIN = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
          "trainer.accelerator=cpu", "trainer.devices=2", f"trainer.max_steps={STEPS}", "trainer.global_batch_size=8",
          "trainer.val_every_steps=1000", "trainer.ckpt_every_steps=1000", "trainer.limit_val_batches=1",
          "callbacks.sample_every_steps=2", "resume=never"]  # sampling on: under ZeRO-3 it once hung (#16)
-ENV = dict(os.environ, PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+ENV = subprocess_env(REPO, PYTHONUNBUFFERED="1")
 
 
 def train(out_dir, name: str, *overrides: str) -> tuple[dict, str]:

@@ -322,7 +322,7 @@ def evaluate_arm(arm: Arm, sweep: DictConfig, scorer: FidScorer | None, log=prin
                           "class_consistency": (scorer.class_consistency(images, labels_all)
                                                 if scorer is not None else None)}
             log(f"ablate: {arm.name}: steps={over['num_steps']} cfg={over['cfg_scale']:g} "
-                f"{over['schedule']}: {cache[key]}")
+                f"{over['schedule']}: " + ", ".join(f"{k} {v:.4g}" for k, v in cache[key].items() if v is not None))
         rows.append({"variant": arm.variant, "size": arm.size, "seed": arm.seed, "schedule": over["schedule"],
                      "decode_steps": over["num_steps"], "cfg_scale": over["cfg_scale"], "train_steps": m["steps"],
                      "tokens_seen": m["tokens_seen"], "val_nll": m["val_nll_bits"],

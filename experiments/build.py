@@ -4,7 +4,9 @@ This is the only place that reads YAML-shaped config; lightning_modules/ takes p
 """
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -141,7 +143,23 @@ def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
     return callbacks + extra_callbacks()
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning_notices() -> None:
+    """Drop three Lightning notices a roar user cannot act on, printed per Trainer (four times in `make demo`): the
+    srun hint outside a SLURM allocation (there, roar's sbatch scripts run srun), torch's LeafSpec deprecation raised
+    inside Lightning's own code, and the litlogger advert."""
+    if "SLURM_JOB_ID" not in os.environ:
+        warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system but is not used")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+        logging.getLogger(name).addFilter(_not_an_advert)  # the same function object each call: added once
+
+
 def build_trainer(cfg: DictConfig, run_dir: str, callbacks: list, **overrides) -> L.Trainer:
+    quiet_lightning_notices()  # first: SLURMEnvironment.detect() below already warns
     t = cfg.trainer
     world, micro, accumulate = batch_layout(cfg)
     strategy = strategy_for(cfg)

@@ -67,3 +67,32 @@ def test_only_rank_zero_prints(capsys):
     bar.on_validation_end(Trainer(), None)
     bar.on_train_end(Trainer(), None)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("in_allocation", [False, True])
+def test_a_log_holds_no_lightning_notice_a_user_cannot_act_on(tmp_path, in_allocation):
+    """experiments/build.py quiet_lightning_notices: with `srun` on PATH (a SLURM login node) and no allocation, the
+    log has neither Lightning's srun hint nor its litlogger advert; inside an allocation the srun hint stays (there
+    it may be the user's mistake)."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    env = subprocess_env(REPO, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(key)
+    if in_allocation:
+        env["SLURM_JOB_ID"] = "123"
+    cmd = [sys.executable, "-m", "experiments.train", "-c", DEMO, "model.size=debug", f"out_dir={tmp_path}",
+           f"data.root={tmp_path}/digits", "trainer.global_batch_size=8", "trainer.max_steps=2",
+           "trainer.val_every_steps=2", "trainer.limit_val_batches=1", "callbacks.sample_every_steps=0", "name=n"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "litlogger" not in log and "LeafSpec" not in log and "val: step 2" in log
+    assert ("`srun` command is available" in log) == in_allocation, log[-3000:]

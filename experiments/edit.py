@@ -157,7 +157,7 @@ def main(argv=None) -> int:
                        **overrides)
     except (FileNotFoundError, ValueError) as err:  # bad input (checkpoint, image, mask): one line, exit 2
         fail(str(err).splitlines()[0], 2)
-    print(f"edit: {a.task} -> {out['side_by_side']} (input, mask, result, order_map in {a.out}/)")
+    print(f"edit: {a.task} -> {out['side_by_side']} (input, mask, result, order_map in {os.path.normpath(a.out)}/)")
     return 0
 
 

@@ -315,7 +315,9 @@ def test_gpu_suite_dry_run_writes_json_and_markdown(tmp_path, monkeypatch):
     sample = res["sample"]["results"]
     assert {(r["variant"], r["batch"]) for r in sample} == {(v, b) for v in ("raster", "arpg") for b in (1, 2)}
     assert {r["steps"] for r in sample if r["variant"] == "arpg"} == {4, 2}  # headline_steps, scaled to 16
-    assert all(r["compile"] == "on" and r["precision"] == "bf16" and r["cfg"] == 4.0 for r in sample)
+    assert all(r["precision"] == "bf16" and r["cfg"] == 4.0 and r["kernels"] == "aten" for r in sample)
+    assert {(r["batch"], r["compile"]) for r in sample} == {(1, "off"), (1, "on"), (2, "on")}  # eager: batch 1
+    assert all("speedup_vs_eager" in r for r in sample if (r["batch"], r["compile"]) == (1, "on"))
     assert all(r["gflop"] > 0 and "mfu" in r and "peak_mem_mb" in r for r in sample)
     train = res["train"]["results"]
     assert {r["variant"] for r in train} == {"raster", "arpg"}

@@ -6,8 +6,9 @@ Per generation, at plan time (host syncs allowed here, never in the loop):
     probe    ordering.decode_step(state, n) on a state whose tokens are order index + 1: the step's Seq comes back
              with ``ids`` = gather indices into tokens_pad [B2, 1+N] (column 0 = no token). Orderings use
              state.tokens only by indexing (ordering.py, decode_step), so that Seq is the step's template.
-    prepare  backbone.prepare_static(seq, cache): self / query masks over the *whole* cache (a static key count;
-             the mask hides what the eager step's truncation to max(rows)+1 hides), rar_vit's cls prefix
+    prepare  backbone.prepare_static(seq, cache): self / query masks over the cache's first key_bucket(max(rows)+1)
+             rows (a static key count, at most nn/attention.KEY_BUCKETS per generation; the mask hides what the
+             eager step's truncation to max(rows)+1 hides), rar_vit's cls prefix
     keep     editing: which of the step's positions are known, and their tokens; the CFG scale as a 0-d tensor
 Per step (no host sync, no allocation outside the compiled graph):
     noise    the draw's random numbers, drawn eagerly from the generator into a buffer kept per step size, exactly
@@ -15,7 +16,7 @@ Per step (no host sync, no allocation outside the compiled graph):
              shape (aten's one-sample path), inverse_cdf one uniform per token -> the same random stream
     step     ids = gather(tokens_pad) -> backbone(seq, cache, prepared) -> CFG mix -> temperature / top-k / top-p
              -> softmax -> argmax(p / q) or the CDF search -> known tokens kept -> written into tokens_pad
-Numerics: the same tokens for the same seed as the eager loop; logits equal to fp32 rounding (the masked whole-cache
+Numerics: the same tokens for the same seed as the eager loop; logits equal to fp32 rounding (the masked bucketed-key
 attention and inductor's fused kernels may round differently in the last bit; tests/test_fast_decode.py).
 Compiled steps are cached per backbone and configuration, each in its own code object (dynamo counts recompiles
 per code object); the first two step shapes compile, later ones reuse a dynamic-shape graph.

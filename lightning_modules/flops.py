@@ -36,8 +36,9 @@ def visible_pairs(mask, rows: torch.Tensor | None, batch: int, num_keys: int | N
 
 def forward_flops(backbone: nn.Module, seq, prep=None) -> dict:
     """Forward matmul FLOPs of one ``backbone(seq)``, split into body / attention / head: cache-less (training), or
-    one cached decode step when ``prep`` (attention.StaticPrep) is given — its masks over the whole cache are
-    exactly the keys the step attends to, so attention counts the visible cache length, not the cache size."""
+    one cached decode step when ``prep`` (attention.StaticPrep) is given — its masks (over the step's bucketed
+    key count) are exactly the keys the step attends to, so attention counts the visible cache length, not the
+    cache size."""
     B, L = seq.kind.shape
     D = backbone.dim
     width = lambda out, n: n if out is None else out.shape[-1]  # outputs per sample  # noqa: E731

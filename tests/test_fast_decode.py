@@ -121,7 +121,9 @@ def test_compiled_step_is_one_graph_and_matches(variant, flavour, dynamo_backend
     counters.clear()
     assert_same(m, LABELS, s, compiled=True, what=f"{variant}/{flavour} compiled")
     graphs = counters["stats"]["unique_graphs"]
-    assert 1 <= graphs <= 3  # a static graph, then a dynamic-shape one for the later sizes (+ one for size 1)
+    # a static graph, a dynamic-shape one for the later sizes and key counts, one for size 1, and one where the key
+    # count is the whole cache (its slice is contiguous, which the dynamic graph's guards tell apart)
+    assert 1 <= graphs <= 4
     assert_same(m, LABELS, s, seed=12, compiled=True, what=f"{variant}/{flavour} compiled, second call")
     assert counters["stats"]["unique_graphs"] == graphs  # cached on the module: no recompilation
 
@@ -134,3 +136,29 @@ def test_inductor_compiled_step_matches(variant, flavour, dynamo_backend):
     mode, steps, cfg = settings_matrix(m)[0]
     assert_same(m, LABELS, m.sample_settings(num_steps=steps, cfg_scale=cfg, mode=mode), compiled=True,
                 what=f"{variant}/{flavour} inductor")
+
+
+@pytest.mark.parametrize("variant,flavour", [("raster", "llama"), ("arpg", "llama"), ("randar", "llama"),
+                                             ("rar", "rar_vit")])
+def test_static_steps_read_the_cache_only_up_to_the_next_bucket(variant, flavour, monkeypatch):
+    """Each fast-path step attends over its visible length rounded up to the next 1/KEY_BUCKETS of the cache (not
+    the whole cache, which read ~2x the keys a raster step needs); the same tokens either way."""
+    from lightning_modules.nn import attention
+    from lightning_modules.sampling import sampling_backbone
+
+    m = make_module(variant, flavour)
+    mode, steps, cfg = settings_matrix(m)[0]
+    s = m.sample_settings(num_steps=steps, cfg_scale=cfg, mode=mode)
+    backbone = sampling_backbone(m.backbone, s.precision, s.kernels)
+    plan = m.ordering.decode_plan(3, s.num_steps, s.schedule, make_generator(0), None, None, LABELS.device)
+    state = start_state(plan, LABELS, True, backbone.num_classes, backbone.num_positions, s.mode)
+    cache = backbone.new_cache(6, m.ordering.cache_length(backbone.num_positions))
+    scales = step_scales(m.ordering, plan, s, backbone.num_positions)
+    total = cache.layers[0].k.shape[2]
+    keys = [p.prep.mask.shape[-1] for p in fast_decode.plan_steps(m.ordering, backbone, plan, state, scales, cache)]
+    size = -(-total // attention.KEY_BUCKETS)
+    assert all(k % size == 0 or k == total for k in keys) and keys == sorted(keys) and keys[-1] <= total
+    assert keys[0] < total and sum(keys) < 0.75 * total * len(keys)  # early steps read a fraction of the cache
+    codes = fast_trace(m, LABELS, s, 11)[0]
+    monkeypatch.setattr(attention, "KEY_BUCKETS", 1)  # the whole cache every step: the same tokens
+    assert torch.equal(codes, fast_trace(m, LABELS, s, 11)[0])

@@ -75,7 +75,7 @@ def test_onednn_compiled_step_is_one_graph_and_matches(variant, flavour, dynamo_
     s.kernels = "onednn"
     counters.clear()
     assert_same(reference, fast_trace(m, LABELS, s, 11, compiled=True), f"{variant}/{flavour} compiled")
-    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4  # as tests/test_fast_decode.py: one per size / key regime
 
 
 @pytest.mark.slow

@@ -55,22 +55,37 @@ class CacheSet:
         return mask, length
 
 
+# The fast path's key count: the visible length rounded up to the next 1/KEY_BUCKETS of the cache, so a generation
+# has at most KEY_BUCKETS key counts (static shapes to capture) and reads at most 1/KEY_BUCKETS of the cache in vain.
+# Attending over the whole cache instead read ~2x the keys a raster step needs, the bulk of a big-batch step's bytes.
+KEY_BUCKETS = 8
+
+
+def key_bucket(visible: int, total: int, buckets: int | None = None) -> int:
+    """The static key count of a fast-path step whose eager twin sees ``visible`` of a ``total``-row cache
+    (``buckets`` None: KEY_BUCKETS, read at call time; 1 = the whole cache, as before the buckets)."""
+    size = -(-total // (buckets or KEY_BUCKETS))
+    return min(total, -(-visible // size) * size)
+
+
 @dataclass
 class StaticPrep:
     """What ``CacheSet.prepare`` finds per forward, decided once from the decode plan (the fast decode path,
-    lightning_modules/fast_decode.py): every layer then attends over the *whole* cache, a static shape, and the
-    mask hides the rows the eager step would have cut off (rows at or past its visible length) or masked."""
+    lightning_modules/fast_decode.py): every layer then attends over the cache's first ``length`` rows (the visible
+    length rounded up by ``key_bucket``: a static shape), and the mask hides the rows the eager step would have cut
+    off (rows at or past its visible length) or masked."""
 
-    mask: torch.Tensor  # bool [B|1, 1, L, Lmax]: self-attention over the whole cache
-    length: int  # Lmax, the cache's full length: the key count every layer sees
-    query_mask: torch.Tensor | None = None  # bool [B|1, 1, Q, Lmax]: the query stream's keys (cross layers)
+    mask: torch.Tensor  # bool [B|1, 1, L, length]: self-attention over the cache's first `length` rows
+    length: int  # key_bucket(visible length, Lmax): the key count every layer sees
+    query_mask: torch.Tensor | None = None  # bool [B|1, 1, Q, length]: the query stream's keys (cross layers)
     prefix: bool = False  # rar_vit: this forward carries the learned cls prefix slot (row 0)
 
 
 def static_mask(rows: torch.Tensor, mask: torch.Tensor | None, total: int) -> torch.Tensor:
-    """bool [B|1, 1, L, total]: the keys ``CacheSet.prepare`` + ``KVCache.write`` leave visible, widened to the
-    whole cache. mask None = causal over rows (a slot at row r sees rows <= r); an explicit mask [.., L, Lk] covers
-    the visible length Lk = max(rows) + 1 and everything past it is hidden, as the truncation hides it."""
+    """bool [B|1, 1, L, total]: the keys ``CacheSet.prepare`` + ``KVCache.write`` leave visible, widened to
+    ``total`` keys (>= the visible length). mask None = causal over rows (a slot at row r sees rows <= r); an
+    explicit mask [.., L, Lk] covers the visible length Lk = max(rows) + 1 and everything past it is hidden, as the
+    truncation hides it."""
     keys = torch.arange(total, device=rows.device)
     if mask is None:
         return (keys[None, :] <= rows[:, None])[None, None]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_modules.nn.attention import (CacheSet, CrossAttention, KVCache, SelfAttention, StaticPrep,
-                                            static_mask)
+                                            key_bucket, static_mask)
 from lightning_modules.nn.rope import Rope2D, apply_rope
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, gather_slots
 
@@ -153,26 +153,26 @@ class LlamaBackbone(nn.Module):
 
     def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
         """The fast decode path's per-step decisions (at plan time, host syncs allowed): the slot-kind check, and
-        self / query masks over the whole cache (attention.static_mask)."""
+        self / query masks over the step's bucketed key count (attention.key_bucket, static_mask)."""
         if self.pos_instruct is None and bool((seq.kind == SLOT_POSITION).any()):
             raise ValueError("position-instruction slots need a backbone built with position_tokens=True")
-        total = cache.layers[0].k.shape[2]
+        length = int(seq.rows.max()) + 1  # the eager step's visible length
+        keys = key_bucket(length, cache.layers[0].k.shape[2])
         qmask = None
         if self.cross is not None:  # queries see the written content rows < max(rows) + 1, or their own mask
-            length = int(seq.rows.max()) + 1
             qmask = seq.query_mask if seq.query_mask is not None else torch.ones(
                 1, 1, seq.query_pos.shape[1], length, dtype=torch.bool, device=seq.rows.device)
-            qmask = static_mask(seq.rows, qmask, total)
-        return StaticPrep(static_mask(seq.rows, seq.mask, total), total, qmask)
+            qmask = static_mask(seq.rows, qmask, keys)
+        return StaticPrep(static_mask(seq.rows, seq.mask, keys), keys, qmask)
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
         """Logits float32 [B, M, V] at ``seq.out`` (slots, or queries when the backbone has cross layers).
-        ``prepared`` (with a cache): the fast decode path's whole-cache masks instead of ``cache.prepare``."""
+        ``prepared`` (with a cache): the fast decode path's static masks instead of ``cache.prepare``."""
         rope = self.rope(seq.pos)
         x = self.embed(seq, rope, check=prepared is None)
         mask, length, qmask = seq.mask, None, seq.query_mask
-        if prepared is not None:  # static shapes: every layer attends over the whole cache, no host sync
-            mask, length, qmask = prepared.mask, prepared.length, prepared.query_mask
+        if prepared is not None:  # static shapes: every layer attends over the bucketed key count, no host sync
+            mask, length, qmask = prepared.mask, prepared.mask.shape[-1], prepared.query_mask  # a symbol, not an int
         elif cache is not None:  # visible length and mask once per forward, shared by every layer
             mask, length = cache.prepare(seq.rows, seq.mask)
         for i, layer in enumerate(self.layers):

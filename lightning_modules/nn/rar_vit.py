@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention, StaticPrep, static_mask
+from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention, StaticPrep, key_bucket, static_mask
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq, gather_slots
 
 
@@ -120,11 +120,12 @@ class RARViTBackbone(nn.Module):
         return (torch.cat([rows.new_zeros(1), rows]) if prefix else rows), prefix
 
     def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
-        """The fast decode path's per-step decisions at plan time: the check, the prefix, the whole-cache mask."""
+        """The fast decode path's per-step decisions at plan time: the check, the prefix, the static mask over the
+        step's bucketed key count (attention.key_bucket)."""
         self.check(seq)
         rows, prefix = self.internal_rows(seq)
-        return StaticPrep(static_mask(rows, None, cache.layers[0].k.shape[2]), cache.layers[0].k.shape[2],
-                          prefix=prefix)
+        keys = key_bucket(int(rows.max()) + 1, cache.layers[0].k.shape[2])
+        return StaticPrep(static_mask(rows, None, keys), keys, prefix=prefix)
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
         """Logits float32 [B, M, V] at ``seq.out``; ``prepared``: the fast decode path's static masks (no sync)."""
@@ -148,8 +149,8 @@ class RARViTBackbone(nn.Module):
             x = torch.cat([self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1], x], dim=1)
         c = self.embeddings(self.class_ids(seq.labels))[:, None] + self.timesteps_embeddings[0, rows][None]
         mask, length = None, None
-        if prepared is not None:  # static shapes: the whole cache, masked; no host sync
-            mask, length = prepared.mask, prepared.length
+        if prepared is not None:  # static shapes: the bucketed key count, masked; no host sync
+            mask, length = prepared.mask, prepared.mask.shape[-1]  # one symbol under compile, not an int
         elif cache is not None:  # visible length and causal row mask once per forward, not once per block
             mask, length = cache.prepare(rows, None)
         for i, blk in enumerate(self.blocks):

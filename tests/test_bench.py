@@ -356,3 +356,42 @@ def test_test_subprocesses_keep_the_packages_carried_on_pythonpath(tmp_path, mon
     assert proc.returncode == 0, proc.stderr[-2000:]
     value, where = proc.stdout.split()
     assert value == "7" and where.startswith(REPO)
+
+
+def test_gpu_suite_runs_the_speed_claims_first_and_skips_what_the_budget_cannot_hold(tmp_path, monkeypatch):
+    """The unit order of a real (not dry) GPU run, with the measurements stubbed: batch-1 sampling at L of the
+    claims' orderings (raster, ARPG, RandAR) before anything else, then B, and a unit is skipped, and listed, once
+    the budget cannot hold the longest unit of its kind."""
+    import types
+
+    import experiments.bench as bench
+    import experiments.bench_gpu as bench_gpu
+    import experiments.bench_sample as bench_sample
+    import experiments.bench_train as bench_train
+
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(bench_gpu, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # the suite's clock
+
+    def fake_sample(variants, sizes, batches, **kw):
+        calls.append(("sample", variants[0], sizes[0], batches[0], tuple(kw["compiles"])))
+        clock[0] += 40.0
+        return {"results": []}
+
+    def fake_train(variants, sizes, **kw):
+        calls.append(("train", variants[0], sizes[0]))
+        clock[0] += 50.0
+        return {"results": []}
+
+    monkeypatch.setattr(bench_sample, "bench_sample", fake_sample)
+    monkeypatch.setattr(bench_train, "bench_train", fake_train)
+    monkeypatch.setattr(bench, "matmul_peak", lambda *a, **k: {})
+    monkeypatch.setattr(bench_gpu, "gpu_tests", lambda timeout, dry, log: {"rc": 0, "timeout": timeout})
+    a = bench.parse_args(["all", "--suite", "gpu", "--variants", "rar,randar,arpg,raster", "--budget-s", "400",
+                          "--out", str(tmp_path / "gpu.json")])
+    results = bench_gpu.run_suite(a, {})
+    assert results["gpu_tests"]["timeout"] == 200.0  # half the budget, at most 300 s
+    assert calls[:3] == [("sample", v, "L", 1, ("off", "on")) for v in ("raster", "arpg", "randar")]
+    assert calls[3:7] == [("sample", v, "B", 1, ("off", "on")) for v in ("raster", "arpg", "randar", "rar")]
+    assert calls[7] == ("train", "raster", "B")  # 280 s used, 120 left: the 60 s default of a B step fits
+    assert len(calls) == 9 and results["skipped"][0] == "train B randar (budget)"  # 50 s seen, 20 left
+    assert "sample L batch 1 rar (budget)" in results["skipped"] and "train L raster (budget)" in results["skipped"]

@@ -71,13 +71,12 @@ def key_bucket(visible: int, total: int, buckets: int | None = None) -> int:
 @dataclass
 class StaticPrep:
     """What ``CacheSet.prepare`` finds per forward, decided once from the decode plan (the fast decode path,
-    lightning_modules/fast_decode.py): every layer then attends over the cache's first ``length`` rows (the visible
-    length rounded up by ``key_bucket``: a static shape), and the mask hides the rows the eager step would have cut
-    off (rows at or past its visible length) or masked."""
+    lightning_modules/fast_decode.py): every layer then attends over the cache's first K rows, K = the mask's last
+    dim = key_bucket(visible length, Lmax), a static shape, and the mask hides the rows the eager step would have
+    cut off (rows at or past its visible length) or masked."""
 
-    mask: torch.Tensor  # bool [B|1, 1, L, length]: self-attention over the cache's first `length` rows
-    length: int  # key_bucket(visible length, Lmax): the key count every layer sees
-    query_mask: torch.Tensor | None = None  # bool [B|1, 1, Q, length]: the query stream's keys (cross layers)
+    mask: torch.Tensor  # bool [B|1, 1, L, K]: self-attention over the cache's first K rows
+    query_mask: torch.Tensor | None = None  # bool [B|1, 1, Q, K]: the query stream's keys (cross layers)
     prefix: bool = False  # rar_vit: this forward carries the learned cls prefix slot (row 0)
 
 

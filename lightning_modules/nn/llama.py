@@ -163,7 +163,7 @@ class LlamaBackbone(nn.Module):
             qmask = seq.query_mask if seq.query_mask is not None else torch.ones(
                 1, 1, seq.query_pos.shape[1], length, dtype=torch.bool, device=seq.rows.device)
             qmask = static_mask(seq.rows, qmask, keys)
-        return StaticPrep(static_mask(seq.rows, seq.mask, keys), keys, qmask)
+        return StaticPrep(static_mask(seq.rows, seq.mask, keys), qmask)
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
         """Logits float32 [B, M, V] at ``seq.out`` (slots, or queries when the backbone has cross layers).
@@ -172,7 +172,7 @@ class LlamaBackbone(nn.Module):
         x = self.embed(seq, rope, check=prepared is None)
         mask, length, qmask = seq.mask, None, seq.query_mask
         if prepared is not None:  # static shapes: every layer attends over the bucketed key count, no host sync
-            mask, length, qmask = prepared.mask, prepared.mask.shape[-1], prepared.query_mask  # a symbol, not an int
+            mask, length, qmask = prepared.mask, prepared.mask.shape[-1], prepared.query_mask
         elif cache is not None:  # visible length and mask once per forward, shared by every layer
             mask, length = cache.prepare(seq.rows, seq.mask)
         for i, layer in enumerate(self.layers):

@@ -125,7 +125,7 @@ class RARViTBackbone(nn.Module):
         self.check(seq)
         rows, prefix = self.internal_rows(seq)
         keys = key_bucket(int(rows.max()) + 1, cache.layers[0].k.shape[2])
-        return StaticPrep(static_mask(rows, None, keys), keys, prefix=prefix)
+        return StaticPrep(static_mask(rows, None, keys), prefix=prefix)
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:
         """Logits float32 [B, M, V] at ``seq.out``; ``prepared``: the fast decode path's static masks (no sync)."""
@@ -150,7 +150,7 @@ class RARViTBackbone(nn.Module):
         c = self.embeddings(self.class_ids(seq.labels))[:, None] + self.timesteps_embeddings[0, rows][None]
         mask, length = None, None
         if prepared is not None:  # static shapes: the bucketed key count, masked; no host sync
-            mask, length = prepared.mask, prepared.mask.shape[-1]  # one symbol under compile, not an int
+            mask, length = prepared.mask, prepared.mask.shape[-1]  # the key count K
         elif cache is not None:  # visible length and causal row mask once per forward, not once per block
             mask, length = cache.prepare(rows, None)
         for i, blk in enumerate(self.blocks):

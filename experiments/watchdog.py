@@ -218,7 +218,6 @@ class Watchdog(Profiler):
         except Exception:  # noqa: BLE001 - no store: every rank speaks for itself
             return add
 
-
     def _await_said(self, bound_s: float) -> None:
         """Wait (at most ``bound_s``) until the reporting rank has written its line; a dead store ends the wait."""
         store, deadline = _store(), time.monotonic() + bound_s

@@ -132,6 +132,8 @@ def markdown(results: dict) -> str:
                   f"output: {g.get('log', '-')})", *(f"- {x}" for x in g.get("failed", []))]
     if results.get("skipped"):
         lines += ["", "skipped (time budget): " + "; ".join(results["skipped"])]
+    if results.get("errors"):
+        lines += ["", "## Units that failed (traceback on stderr)", "", *(f"- {x}" for x in results["errors"])]
     if "train" in results:
         t = results["train"]
         lines += ["", "## Training step", "", f"memory: {t['memory_method']}; FLOPs: {t['flop_method']}", ""]
@@ -246,12 +248,16 @@ def run(a, argv) -> int:
     if a.suite == "gpu":
         from experiments.bench_gpu import run_suite
 
-        run_suite(a, results)
+        def save(partial):  # after every unit: a run killed at the lease's limit keeps what it finished
+            add_mfu(partial)
+            write_results(partial, a.out)
+
+        run_suite(a, results, save)
         add_mfu(results)
         json_path, md_path = write_results(results, a.out)
         print(markdown(results))
         print(f"bench: wrote {json_path} and {md_path}")
-        return 0
+        return 1 if results["errors"] or results["gpu_tests"].get("rc") != 0 else 0  # the figures are written anyway
     if a.what in ("train", "all"):
         from experiments.bench_train import bench_train
 

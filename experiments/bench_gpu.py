@@ -17,6 +17,10 @@ orderings' batch-1 sampling at L, training at L:
      (sample.kernels=aten: what auto means on a GPU), with model FLOPs, MFU and peak memory;
   3. the training step per ordering at size B, bf16-mixed (autocast), flash SDPA where the mask allows, the
      backbone under torch.compile (trainer.compile), with MFU and peak memory; 4. the same at size L.
+A unit that fails (an out-of-memory, a CUDA error) is listed under ``errors`` with its traceback on stderr, and the
+suite goes on; the results file is rewritten after the GPU tests and after every unit, so a run killed at the lease's
+limit keeps every figure it finished (the device command writes it straight into $OUT). Each unit ends with one
+line on stderr (what, how long, seconds left).
 ``--dry-run`` runs the same code on the CPU at toy sizes (debug model, 4x4 grid, batch 1 and 2, one repeat), with
 torch.compile's dynamo capture but the "eager" backend (no code generation: minutes saved, same graph capture).
 The GPU image carries its own torch and may lack some of roar's packages: ``preflight`` names the first missing
@@ -29,9 +33,13 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 # import name -> pip name, for the one-line message about a missing package
 PIP_NAMES = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "torch_fidelity": "torch-fidelity"}
+NOTE = ("GPU suite: headline steps, CFG 4, bf16 weights, sample.compile=on (fast decode path; CUDA graphs on a GPU) "
+        "and, at batch 1, off (the eager loop: speedup_vs_eager), torch's kernels, multinomial draw; gflop = model "
+        "FLOPs of one generation; peak_mem_mb = peak memory of one generate call")
 SUITE_MODULES = ("pytest", "experiments.build", "experiments.bench_train", "experiments.bench_sample",
                  "experiments.bench_data", "lightning_modules.fast_decode")
 
@@ -61,6 +69,9 @@ class Budget:
     def allows(self, kind: str, default: float) -> bool:
         return self.left() >= self.longest.get(kind, default)
 
+    def says(self) -> str:
+        return f"{self.left():.0f} s left" if self.left() != float("inf") else "no budget"
+
     def record(self, kind: str, seconds: float) -> None:
         self.longest[kind] = max(self.longest.get(kind, 0.0), seconds)
 
@@ -89,9 +100,12 @@ def gpu_tests(timeout: float, dry_run: bool, log_path: str) -> dict:
             "seconds": round(time.perf_counter() - t, 1), "dry_run": dry_run}
 
 
-def run_suite(a, results: dict) -> dict:
-    """Fill ``results`` (train / sample / gpu_tests / skipped); ``a`` is bench.parse_args' namespace."""
+def run_suite(a, results: dict, save=None) -> dict:
+    """Fill ``results`` (train / sample / gpu_tests / skipped / errors); ``a`` is bench.parse_args' namespace.
+    ``save(results)`` (if given) runs after the GPU tests and after every unit."""
     import torch
+
+    from experiments.cli import say
 
     import lightning_modules.fast_decode as fast_decode
     from experiments.bench import matmul_peak, runnable_variants
@@ -111,10 +125,13 @@ def run_suite(a, results: dict) -> dict:
     peak_sizes = (64,) if dry else (1024, 2048, 4096, 8192)
     results["suite"] = {"name": "gpu", "dry_run": dry, "budget_s": a.budget_s,
                         "flash_sdp_enabled": bool(torch.backends.cuda.flash_sdp_enabled())}
-    results["skipped"] = []
+    results["skipped"], results["errors"] = [], []
     results["peak_before"] = matmul_peak(device, ("fp32", "bf16"), peak_sizes)
     log = os.path.splitext(a.out)[0] + "_tests.log"
     results["gpu_tests"] = gpu_tests(min(300.0, budget.left() / 2), dry, log)  # the checks first, then figures
+    say(f"bench-gpu: GPU tests: {results['gpu_tests'].get('summary', '')} ({budget.says()})")
+    if save:
+        save(results)
     backend, fast_decode.BACKEND = fast_decode.BACKEND, "eager" if dry else fast_decode.BACKEND
     sample_rows, train_rows = [], []
 
@@ -146,22 +163,35 @@ def run_suite(a, results: dict) -> dict:
     units += [(f"sample {sizes[0]} batch {batches[1]}", 30.0, sample, (v, batches[1], sizes[0])) for v in variants]
     units += sample_big([v for v in variants if v not in first]) if big else []
     units += [(f"train {big}", 90.0, train, (v, big)) for v in variants] if big else []
+
+    def summarise():
+        add_speedups(sample_rows, grid * grid)
+        results["sample"] = {"results": sample_rows, "targets": targets(sample_rows, grid * grid), "note": NOTE}
+
     try:
         for kind, default, fn, args in units:
             if not budget.allows(kind, default):
                 results["skipped"].append(f"{kind} {args[0]} (budget)")
                 continue
-            t = time.perf_counter()
-            fn(*args)
-            budget.record(kind, time.perf_counter() - t)
+            t, outcome = time.perf_counter(), "done"
+            try:
+                fn(*args)
+            except Exception as err:  # noqa: BLE001 -- one unit's OOM or CUDA error must not cost the other figures
+                traceback.print_exc()
+                detail = (str(err).strip().splitlines() or [""])[0][:300]
+                results["errors"].append(f"{kind} {args[0]}: {type(err).__name__}: {detail}")
+                outcome = "FAILED"
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()  # what the failed unit held, for the next one
+            seconds = time.perf_counter() - t
+            budget.record(kind, seconds)
+            say(f"bench-gpu: {kind} {args[0]}: {outcome} in {seconds:.0f} s ({budget.says()})")
+            summarise()
+            if save:
+                save(results)
     finally:
         fast_decode.BACKEND = backend
-    add_speedups(sample_rows, grid * grid)
-    results["sample"] = {"results": sample_rows, "targets": targets(sample_rows, grid * grid),
-                         "note": "GPU suite: headline steps, CFG 4, bf16 weights, sample.compile=on (fast decode "
-                                 "path; CUDA graphs on a GPU) and, at batch 1, off (the eager loop: "
-                                 "speedup_vs_eager), torch's kernels, multinomial draw; gflop = model FLOPs of one "
-                                 "generation; peak_mem_mb = peak memory of one generate call"}
+    summarise()
     results["peak_after"] = matmul_peak(device, ("fp32", "bf16"), peak_sizes)
     results["suite"]["seconds"] = round(time.perf_counter() - budget.start, 1)
     return results

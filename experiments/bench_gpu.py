@@ -105,12 +105,11 @@ def run_suite(a, results: dict, save=None) -> dict:
     ``save(results)`` (if given) runs after the GPU tests and after every unit."""
     import torch
 
-    from experiments.cli import say
-
     import lightning_modules.fast_decode as fast_decode
     from experiments.bench import matmul_peak, runnable_variants
     from experiments.bench_sample import BASELINE, SPEED_TARGETS, add_speedups, bench_sample, targets
     from experiments.bench_train import bench_train
+    from experiments.cli import say
 
     dry = a.dry_run
     budget = Budget(a.budget_s if a.budget_s else (float("inf") if dry else 540.0))  # a dry run skips nothing

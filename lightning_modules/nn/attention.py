@@ -54,6 +54,12 @@ class CacheSet:
             mask = (keys[None, :] <= rows[:, None])[None, None]  # [1, 1, L, Lk]: slot at row r sees rows <= r
         return mask, length
 
+    def static_keys(self, rows: torch.Tensor) -> tuple[int, int]:
+        """The fast decode path's (visible length, key count) for a forward writing ``rows``, at plan time: the
+        length ``prepare`` would find, and the static key count every layer attends over (key_bucket of it)."""
+        length = int(rows.max()) + 1
+        return length, key_bucket(length, self.layers[0].k.shape[2])
+
 
 # The fast path's key count: the visible length rounded up to the next 1/KEY_BUCKETS of the cache, so a generation
 # has at most KEY_BUCKETS key counts (static shapes to capture) and reads at most 1/KEY_BUCKETS of the cache in vain.

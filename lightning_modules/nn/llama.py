@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.nn.attention import (CacheSet, CrossAttention, KVCache, SelfAttention, StaticPrep,
-                                            key_bucket, static_mask)
+from lightning_modules.nn.attention import CacheSet, CrossAttention, KVCache, SelfAttention, StaticPrep, static_mask
 from lightning_modules.nn.rope import Rope2D, apply_rope
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, gather_slots
 
@@ -153,11 +152,10 @@ class LlamaBackbone(nn.Module):
 
     def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
         """The fast decode path's per-step decisions (at plan time, host syncs allowed): the slot-kind check, and
-        self / query masks over the step's bucketed key count (attention.key_bucket, static_mask)."""
+        self / query masks over the step's bucketed key count (CacheSet.static_keys, static_mask)."""
         if self.pos_instruct is None and bool((seq.kind == SLOT_POSITION).any()):
             raise ValueError("position-instruction slots need a backbone built with position_tokens=True")
-        length = int(seq.rows.max()) + 1  # the eager step's visible length
-        keys = key_bucket(length, cache.layers[0].k.shape[2])
+        length, keys = cache.static_keys(seq.rows)  # the eager step's visible length, the bucketed key count
         qmask = None
         if self.cross is not None:  # queries see the written content rows < max(rows) + 1, or their own mask
             qmask = seq.query_mask if seq.query_mask is not None else torch.ones(

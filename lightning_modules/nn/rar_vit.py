@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention, StaticPrep, key_bucket, static_mask
+from lightning_modules.nn.attention import CacheSet, KVCache, SelfAttention, StaticPrep, static_mask
 from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, Seq, gather_slots
 
 
@@ -121,10 +121,10 @@ class RARViTBackbone(nn.Module):
 
     def prepare_static(self, seq: Seq, cache: CacheSet) -> StaticPrep:
         """The fast decode path's per-step decisions at plan time: the check, the prefix, the static mask over the
-        step's bucketed key count (attention.key_bucket)."""
+        step's bucketed key count (CacheSet.static_keys)."""
         self.check(seq)
         rows, prefix = self.internal_rows(seq)
-        keys = key_bucket(int(rows.max()) + 1, cache.layers[0].k.shape[2])
+        _, keys = cache.static_keys(rows)
         return StaticPrep(static_mask(rows, None, keys), prefix=prefix)
 
     def forward(self, seq: Seq, cache: CacheSet | None = None, prepared: StaticPrep | None = None) -> torch.Tensor:

@@ -248,13 +248,12 @@ def run(a, argv) -> int:
     if a.suite == "gpu":
         from experiments.bench_gpu import run_suite
 
-        def save(partial):  # after every unit: a run killed at the lease's limit keeps what it finished
+        # after every unit (a run killed at the lease's limit keeps what it finished) and once at the end
+        def save(partial) -> tuple[str, str]:
             add_mfu(partial)
-            write_results(partial, a.out)
+            return write_results(partial, a.out)
 
-        run_suite(a, results, save)
-        add_mfu(results)
-        json_path, md_path = write_results(results, a.out)
+        json_path, md_path = save(run_suite(a, results, save))
         print(markdown(results))
         print(f"bench: wrote {json_path} and {md_path}")
         return 1 if results["errors"] or results["gpu_tests"].get("rc") != 0 else 0  # the figures are written anyway

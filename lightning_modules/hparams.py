@@ -91,7 +91,7 @@ class SampleConfig:  # empty / 0 = the ordering's default
     mode: SampleMode = "official"
     draw: Draw = ""  # "" = multinomial (the reference random stream) | inverse_cdf (one uniform per token; fast on CPU)
     precision: SamplePrecision = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights)
-    compile: Compile = "auto"  # the fast decode path: auto (on with CUDA, off on a CPU) | on | off (the eager loop)
+    compile: Compile = "auto"  # the fast decode path: auto (on with CUDA outside training callbacks) | on | off (eager)
     kernels: Kernels = "auto"  # the linears' kernels: auto (oneDNN prepacked for big linears on a CPU) | aten | onednn
 
 

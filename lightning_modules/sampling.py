@@ -8,8 +8,10 @@ CFG doubles the batch to [cond ; null] only when some step's scale differs from 
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,7 +73,24 @@ DRAWS = ("multinomial", "inverse_cdf")
 COMPILE = ("auto", "on", "off", "static")  # static: the fast loop without torch.compile (tests, measurements)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _SAMPLING_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_TRAINING_EVENT = contextvars.ContextVar("roar_sampling_between_training_steps", default=False)
 
+
+@contextmanager
+def between_training_steps(module: nn.Module):
+    """Sampling inside a training run (every sampling callback enters this through callbacks/gathered.py):
+    ``sample.compile=auto`` takes the eager loop, and the sampling copy (bf16 / prepacked) of ``module``'s backbone
+    is dropped on exit. The training steps that follow then get back every byte the sampling used: the fast path keeps a KV cache,
+    token buffers and CUDA graphs per configuration for as long as the backbone lives (what lets it replay), and the
+    next optimizer step makes the copy stale anyway (on a GPU at L size, batch 50 with CFG: ~5 GB of fp32 K/V)."""
+    token = _TRAINING_EVENT.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_EVENT.reset(token)
+        backbone = getattr(module, "backbone", None)  # None: a callback test's stand-in generator
+        if backbone is not None:
+            _SAMPLING_COPIES.pop(backbone, None)
 
 def sampling_backbone(backbone: nn.Module, precision: str, kernels: str = "aten") -> nn.Module:
     """The backbone to sample with: itself for fp32 with torch's kernels, else a copy whose *parameters* are cast
@@ -167,13 +186,17 @@ def fast_path(setting: str, device, hooks: bool = False) -> bool:
     static step without torch.compile. auto: on with CUDA, where a decode step is launch-bound and CUDA graphs
     remove that; off on a CPU, where compiling costs tens of seconds per step shape and a batch-1 step is bound by
     streaming the weights, not by dispatch (docs/benchmarks.md: the measured gain does not pay the compile back
-    within one generation). A custom draw or a recorder always takes the eager loop: they read each step's eager
-    tensors (parity traces, order maps), which the fused step never materialises."""
+    within one generation); off between training steps (``between_training_steps``: the sampling callbacks), where
+    the fast path's per-configuration buffers and graphs would hold device memory the training step needs. A custom
+    draw or a recorder always takes the eager loop: they read each step's eager tensors (parity traces, order
+    maps), which the fused step never materialises."""
     if setting not in COMPILE:
         raise ValueError(f"sample.compile: unknown setting {setting!r} (choose from {COMPILE[:3]})")
     if hooks or setting == "off":
         return False
-    return setting != "auto" or torch.device(device).type == "cuda"
+    if setting != "auto":
+        return True
+    return torch.device(device).type == "cuda" and not _TRAINING_EVENT.get()
 
 
 Recorder = Callable[[dict], None]

@@ -47,6 +47,11 @@ from lightning_modules.variants import capabilities, variant_names  # noqa: E402
 
 # every (ordering, backbone flavour) pair the registry declares: new orderings are tested with no edit here
 VALID = [(v, f) for f in FLAVOURS for v in variant_names() if f in capabilities(v).flavours]
+# every training callback on, firing every 2 steps (sample grid, order map, FID/IS on the digits extractor, EMA):
+# what the multi-rank runs (tests/test_scale_callbacks.py) and the GPU runs (tests/test_gpu.py) train with
+EVERY_CALLBACK = ["callbacks.sample_every_steps=2", "callbacks.order_map_every_steps=2",
+                  "callbacks.sample_classes=[0,1]", "callbacks.sample_per_class=1", "callbacks.ema_decay=0.9",
+                  "eval.fid_num_samples=30", "eval.fid_every_steps=2", "trainer.log_every_steps=2"]
 
 
 def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 11, num_classes: int = 5,

@@ -162,3 +162,30 @@ def test_static_steps_read_the_cache_only_up_to_the_next_bucket(variant, flavour
     codes = fast_trace(m, LABELS, s, 11)[0]
     monkeypatch.setattr(attention, "KEY_BUCKETS", 1)  # the whole cache every step: the same tokens
     assert torch.equal(codes, fast_trace(m, LABELS, s, 11)[0])
+
+
+def test_a_training_runs_sampling_events_sample_eagerly_and_keep_nothing_after(monkeypatch):
+    """Every sampling callback samples inside callbacks/gathered.py::sampling_module, between two training steps:
+    there sample.compile=auto takes the eager loop even on CUDA (the fast path keeps its KV cache, buffers and
+    CUDA graphs per configuration on the device for the backbone's lifetime), and the bf16 / prepacked sampling
+    copy is dropped on exit (the next optimizer step makes it stale). Outside an event, auto on CUDA is fast.
+    The route is read as it would be on CUDA: the spy asks fast_path about "cuda", then runs the eager loop."""
+    import lightning_modules.sampling as sampling
+    from lightning_modules.callbacks.gathered import sampling_module
+
+    real, asked = sampling.fast_path, []
+
+    def on_cuda(setting, device, hooks=False):
+        asked.append((real(setting, "cuda", hooks), m.backbone in sampling._SAMPLING_COPIES))
+        return False
+
+    monkeypatch.setattr(sampling, "fast_path", on_cuda)
+    m = make_module("arpg")
+    with sampling_module(None, m) as (module, used_ema):
+        assert module is m and not used_ema
+        inside = module.sample_codes(LABELS, seed=0, num_steps=4, cfg_scale=2.0, precision="bf16")
+    assert asked == [(False, True)]  # eager, from the bf16 copy ...
+    assert m.backbone not in sampling._SAMPLING_COPIES  # ... which is gone after the event
+    outside = m.sample_codes(LABELS, seed=0, num_steps=4, cfg_scale=2.0, precision="bf16")
+    assert asked[1] == (True, True) and m.backbone in sampling._SAMPLING_COPIES  # a sampling run keeps both
+    assert torch.equal(inside, outside)

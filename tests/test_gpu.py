@@ -9,6 +9,7 @@ without a GPU; the DeepSpeed/Lightning GPU runs stay skipped there).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, VALID, make_module, subprocess_env
+from conftest import EVERY_CALLBACK, REPO, VALID, make_module, subprocess_env
 from lightning_modules.sampling import generate
 
 DEVICE = os.environ.get("ROAR_TEST_DEVICE", "cuda")
@@ -103,11 +104,36 @@ def test_cuda_graph_decode_gives_the_eager_loops_tokens(variant):
         assert torch.equal(codes["on"], codes["off"]), f"{variant}, seed {seed}: the CUDA-graph step drew other tokens"
 
 
+@needs_cuda
+def test_a_training_sampling_event_gives_the_device_its_memory_back():
+    """What a sampling callback allocates (callbacks/gathered.py::sampling_module, sample.compile=auto) is free
+    again for the training step after it: no KV cache, CUDA graph or bf16 copy stays behind. The control
+    (the static fast step outside an event, which keeps its per-configuration buffers) shows the check sees a hold."""
+    import lightning_modules.sampling as sampling
+    from lightning_modules.callbacks.gathered import sampling_module
+
+    m = make_module("arpg", grid=(16, 16), vocab=1024, dim=256).to("cuda")
+    labels = torch.tensor([0, 3, 4], device="cuda")
+    m.sample_codes(labels, seed=0, num_steps=4, cfg_scale=2.0, precision="bf16", compile="off")  # cuBLAS workspaces
+    sampling._SAMPLING_COPIES.pop(m.backbone, None)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with sampling_module(None, m) as (module, _):
+        module.sample_codes(labels, seed=0, num_steps=4, cfg_scale=2.0, precision="bf16")
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    assert held < 2**20, f"a training sampling event left {held / 2**20:.1f} MB on the device"
+    m.sample_codes(labels, seed=0, num_steps=4, cfg_scale=2.0, compile="static")
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before > 4 * 2**20  # K/V of 6 rows x 257 slots x 2 layers x 256, fp32
+
+
 def train_run(tmp_path, name: str, *overrides: str) -> dict:
+    """4 steps on one GPU with every training callback on (grid, order map, FID, EMA at steps 2 and 4)."""
     cmd = [sys.executable, "-m", "experiments.train", "-c", "experiments/configs/debug_raster.yaml",
            "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=4", "trainer.global_batch_size=8",
            "trainer.val_every_steps=1000", "trainer.ckpt_every_steps=1000", "trainer.limit_val_batches=1",
-           "callbacks.sample_every_steps=0", "resume=never", f"out_dir={tmp_path}", f"name={name}", *overrides]
+           *EVERY_CALLBACK, "resume=never", f"out_dir={tmp_path}", f"name={name}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(REPO), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -117,8 +143,9 @@ def train_run(tmp_path, name: str, *overrides: str) -> dict:
 
 @needs_cuda
 def test_bf16_mixed_training_on_one_gpu(tmp_path):
-    metrics = train_run(tmp_path, "bf16", "trainer.precision=bf16-mixed")
+    metrics = train_run(tmp_path, "bf16", "trainer.precision=bf16-mixed", "sample.precision=bf16")
     assert metrics["steps"] == 4 and 0 < metrics["val_nll_bits"] < 20
+    assert math.isfinite(metrics["val/fid30"]) and metrics["fid_eval"]["ema"] is True  # EMA weights sampled
 
 
 @needs_cuda
@@ -133,5 +160,6 @@ def test_stock_deepspeed_strategy_trains_on_one_gpu(tmp_path, stage):
                       ["trainer.accelerator=gpu", f"trainer.strategy=deepspeed_stage_{stage}"])
     assert type(deepspeed_strategy(cfg)) is DeepSpeedStrategy  # the stock class, not the CPU subclass
     metrics = train_run(tmp_path, f"zero{stage}", f"trainer.strategy=deepspeed_stage_{stage}",
-                        "trainer.precision=bf16-mixed", "callbacks.ema_decay=0.0")
+                        "trainer.precision=bf16-mixed")
     assert metrics["steps"] == 4 and 0 < metrics["val_nll_bits"] < 20
+    assert math.isfinite(metrics["val/fid30"]) and metrics["fid_eval"]["ema"] is True  # EMA weights sampled

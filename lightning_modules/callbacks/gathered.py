@@ -22,6 +22,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from lightning_modules.callbacks.ema import find_ema, is_partitioned
+from lightning_modules.sampling import between_training_steps
 
 _REPLICAS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # training module -> its plain replica
 
@@ -74,20 +75,23 @@ def fill_replica(pl_module, replica, ema=None) -> None:
 def sampling_module(trainer, pl_module, ranks: str = "all"):
     """Yields ``(module, used_ema)``: what this rank samples with, or ``None`` on a rank that does not sample
     (``ranks="zero"``: global rank 0 only; ``"all"``: every rank). Every rank must enter: under ZeRO-3 entering
-    is a collective (the gather). ``used_ema``: the averaged weights are in ``module``."""
+    is a collective (the gather). ``used_ema``: the averaged weights are in ``module``. Inside, sampling is
+    ``sampling.between_training_steps``: eager under ``sample.compile=auto``, nothing kept on the device after."""
     ema = find_ema(trainer)
     samples = ranks == "all" or trainer is None or trainer.global_rank == 0
     if not is_zero3(pl_module):
         if not samples:
             yield None, ema is not None
             return
-        with (ema.ema_weights(pl_module) if ema is not None else nullcontext()):
+        with (ema.ema_weights(pl_module) if ema is not None else nullcontext()), \
+                between_training_steps(pl_module):
             yield pl_module, ema is not None
         return
     replica = replica_of(pl_module).to(pl_module.device) if samples else None
     try:
         fill_replica(pl_module, replica, ema)
-        yield replica, ema is not None
+        with (between_training_steps(replica) if replica is not None else nullcontext()):
+            yield replica, ema is not None
     finally:
         if replica is not None:
             replica.to("cpu")  # between events the replica costs host memory, not accelerator memory

@@ -80,9 +80,9 @@ _TRAINING_EVENT = contextvars.ContextVar("roar_sampling_between_training_steps",
 def between_training_steps(module: nn.Module):
     """Sampling inside a training run (every sampling callback enters this through callbacks/gathered.py):
     ``sample.compile=auto`` takes the eager loop, and the sampling copy (bf16 / prepacked) of ``module``'s backbone
-    is dropped on exit. The training steps that follow then get back every byte the sampling used: the fast path keeps a KV cache,
-    token buffers and CUDA graphs per configuration for as long as the backbone lives (what lets it replay), and the
-    next optimizer step makes the copy stale anyway (on a GPU at L size, batch 50 with CFG: ~5 GB of fp32 K/V)."""
+    is dropped on exit. The training steps that follow then get back every byte the sampling used: the fast path
+    keeps a KV cache, token buffers and CUDA graphs per configuration for as long as the backbone lives (what lets it
+    replay; at L size, batch 50 with CFG, ~5 GB of fp32 K/V), and the next optimizer step makes the copy stale."""
     token = _TRAINING_EVENT.set(True)
     try:
         yield
@@ -91,6 +91,7 @@ def between_training_steps(module: nn.Module):
         backbone = getattr(module, "backbone", None)  # None: a callback test's stand-in generator
         if backbone is not None:
             _SAMPLING_COPIES.pop(backbone, None)
+
 
 def sampling_backbone(backbone: nn.Module, precision: str, kernels: str = "aten") -> nn.Module:
     """The backbone to sample with: itself for fp32 with torch's kernels, else a copy whose *parameters* are cast

@@ -40,7 +40,8 @@ def devkit_synsets(meta_path: str) -> dict[int, str]:
         synsets = loadmat(meta_path, squeeze_me=True)["synsets"]
         ids, wnids = synsets["ILSVRC2012_ID"], synsets["WNID"]
     except (KeyError, ValueError, TypeError, OSError) as err:
-        raise ValueError(f"--devkit-meta: {meta_path} has no synsets table with ILSVRC2012_ID and WNID ({err})") from None
+        raise ValueError(f"--devkit-meta: {meta_path} has no synsets table with ILSVRC2012_ID and WNID "
+                         f"({err})") from None
     return {int(i): str(w) for i, w in zip(ids.ravel(), wnids.ravel())}
 
 

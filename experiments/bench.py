@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from lightning_modules.flops import matmul_gflops, stream_gbps, sync  # noqa: F401  (sync: the bench sections import it from here)
+# sync: the bench sections import it from here
+from lightning_modules.flops import matmul_gflops, stream_gbps, sync  # noqa: F401
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -340,8 +341,8 @@ def add_mfu(results: dict) -> None:
     for r in sample:  # the issue's sampling MFU target: batch 8 at >= 0.7 of the matmul peak
         if r.get("batch") == 8 and "mfu" in r:
             key = (f"{r['variant']} {r['steps']} steps, {r['size']}, batch 8, cfg {r['cfg']:g}, {r['draw']}, "
-                   f"{r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}, kernels {r.get('kernels', 'aten')}"
-                   " MFU")
+                   f"{r.get('precision', 'fp32')}, compile {r.get('compile', 'off')}, "
+                   f"kernels {r.get('kernels', 'aten')} MFU")
             met = "met" if r["mfu"] >= 0.7 else "NOT met"
             results["sample"].setdefault("targets", {})[key] = (f"{r['mfu']} (target 0.7: {met}; CPU-time MFU "
                                                                 f"{r.get('mfu_cpu', '-')}; at {r.get('of_floor', '-')} "

@@ -36,7 +36,8 @@ def _kind(section: str, *kinds: str) -> When:
 
 
 def _flavour(name: str) -> When:
-    return When(lambda c: c.model.flavour == name, f"model.flavour={name}", lambda c: f"model.flavour={c.model.flavour}")
+    return When(lambda c: c.model.flavour == name, f"model.flavour={name}",
+                lambda c: f"model.flavour={c.model.flavour}")
 
 
 def _cfg_schedule(c: DictConfig) -> str:
@@ -107,7 +108,8 @@ def _tok_extractor(*kinds: str) -> When:
 
 
 # experiments.train_tokenizer's config (experiments/tokenizer_config.py), checked the same way
-DISC = When(lambda c: c.train.disc_start >= 0, "train.disc_start >= 0", lambda c: f"train.disc_start={c.train.disc_start}")
+DISC = When(lambda c: c.train.disc_start >= 0, "train.disc_start >= 0",
+            lambda c: f"train.disc_start={c.train.disc_start}")
 TOKENIZER_READERS: dict[str, str | When | None] = {
     "tokenizer.preset": ALWAYS, "tokenizer.vq": ALWAYS,
     **{f"data.{k}": ALWAYS for k in ("kind", "image_size", "batch_size")},

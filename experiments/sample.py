@@ -113,7 +113,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="our .ckpt, a run folder, an export / import folder, or a .safetensors")
+    p.add_argument("--ckpt", required=True,
+                   help="our .ckpt, a run folder, an export / import folder, or a .safetensors")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--per-class", type=int, default=4, help="samples per class (50 -> the ADM 50k protocol)")
     p.add_argument("--num-samples", type=int, default=0, help="total samples instead of --per-class x classes")

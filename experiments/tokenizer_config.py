@@ -85,7 +85,8 @@ def validate(cfg: DictConfig) -> None:
     from tokenizers.vq import PRESETS, preset_config
 
     d, t = cfg.data, cfg.train
-    _check(cfg.tokenizer.preset in PRESETS, "tokenizer.preset", f"{cfg.tokenizer.preset!r} is not one of {sorted(PRESETS)}")
+    _check(cfg.tokenizer.preset in PRESETS, "tokenizer.preset",
+           f"{cfg.tokenizer.preset!r} is not one of {sorted(PRESETS)}")
     try:
         preset_config(cfg.tokenizer.preset, **OmegaConf.to_container(cfg.tokenizer.vq))
     except ValueError as err:  # "tokenizer.<key>: not a LlamaGen VQ option (...)"

@@ -128,7 +128,8 @@ def run(cfg, quiet: bool = False) -> dict:
     result = {
         "run": name, "variant": cfg.model.variant, "flavour": cfg.model.flavour, "size": cfg.model.size,
         "seed": cfg.seed, "config_hash": config_hash(cfg), "git_sha": git_sha(), "params": n_params,
-        "steps": trainer.global_step, "tokens_seen": trainer.global_step * cfg.trainer.global_batch_size * module.num_positions,
+        "steps": trainer.global_step,
+        "tokens_seen": trainer.global_step * cfg.trainer.global_batch_size * module.num_positions,
         "fit_seconds": round(time.time() - start, 2), "resumed_from": ckpt or "",
         "train_loss": metrics.get("train/loss"), "val_nll_bits": metrics.get("val/nll"),
         **({"val_nll_note": no_val} if no_val else {}),

@@ -75,7 +75,8 @@ def rfid_extractor(cfg: dict):
     if kind == "none":
         return None
     if kind == "digits":
-        extractor = load_extractor("digits", ensure_digits_extractor(train["extractor_weights"] or DEFAULT_DIGITS_WEIGHTS))
+        weights = ensure_digits_extractor(train["extractor_weights"] or DEFAULT_DIGITS_WEIGHTS)
+        extractor = load_extractor("digits", weights)
     else:
         extractor = load_extractor(kind, train["extractor_weights"])
     if data["kind"] == "shards":

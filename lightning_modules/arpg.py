@@ -52,7 +52,8 @@ class ARPGOrdering(AnyOrder):
         ids, pos, rows = state.tokens[:, fed], order[:, fed], fed + 1
         if state.first:
             one = torch.zeros(B2, 1, dtype=torch.long, device=dev)
-            kind, ids, pos = torch.cat([one + SLOT_CLASS, kind], 1), torch.cat([one, ids], 1), torch.cat([one - 1, pos], 1)
+            kind, ids = torch.cat([one + SLOT_CLASS, kind], 1), torch.cat([one, ids], 1)
+            pos = torch.cat([one - 1, pos], 1)
             rows = torch.cat([rows.new_zeros(1), rows])
         mask = None  # consistent: causal over rows, as in training
         if state.mode == "official":  # released sampler: no mask at all in the self layers

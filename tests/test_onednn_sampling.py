@@ -100,7 +100,8 @@ def test_auto_packs_only_the_linears_big_enough_to_win(monkeypatch):
            if isinstance(mod, nn.Linear) and mod.weight.numel() >= 64 * 192}
     assert big and packed_names(copy) == big
     assert linear_names(copy) == linear_names(m.backbone) - big  # the small ones stay torch's nn.Linear
-    assert onednn.kernel_threshold("auto", "cuda", torch.float32, "sample.kernels") is None  # cuBLAS on a GPU: nothing to pack
+    # cuBLAS on a GPU: nothing to pack
+    assert onednn.kernel_threshold("auto", "cuda", torch.float32, "sample.kernels") is None
 
 
 def test_the_packed_copy_is_cached_follows_the_weights_and_leaves_them_alone():

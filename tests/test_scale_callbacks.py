@@ -9,9 +9,9 @@ elements), so ZeRO-3 really partitions them (smaller parameters stay gathered): 
 gathered sampling replica and the sharded EMA. The same FFN weights (2^17 entries) are what sample.kernels=auto
 prepacks for oneDNN (lightning_modules/nn/onednn.py), so every sampling callback here runs the packed linears,
 in fp32 and (offload) in bf16, and what trainer.kernels=auto trains through oneDNN's dense linear with its own
-backward (OneDnnLinear): under DDP's buckets and ZeRO-3's gathered, partitioned parameters too. The strategies train the same weights (to float32 summation
-order) and a resume is exact, so the EMA exported from ZeRO-2 / ZeRO-3 (the latter across the stop and resume)
-must equal DDP's.
+backward (OneDnnLinear): under DDP's buckets and ZeRO-3's gathered, partitioned parameters too. The strategies
+train the same weights (to float32 summation order) and a resume is exact, so the EMA exported from ZeRO-2 /
+ZeRO-3 (the latter across the stop and resume) must equal DDP's.
 """
 from __future__ import annotations
 

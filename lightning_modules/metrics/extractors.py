@@ -286,8 +286,10 @@ def load_digits_extractor(path: str | os.PathLike | None) -> DigitsCNN:
     path, meta = _weights_metadata(path, "train one with "
                                    "`python -m experiments.train_extractor --out runs/extractors/digits.safetensors`")
     if meta.get("kind") != "digits" or "config" not in meta:
-        hint = "; it is a shard extractor: use --extractor shards / eval.extractor=shards" if meta.get("kind") == "shards" else ""
-        raise ValueError(f"{DIGITS_KEY}: {path} is not a digits extractor (safetensors metadata lacks kind/config){hint}")
+        hint = ("; it is a shard extractor: use --extractor shards / eval.extractor=shards"
+                if meta.get("kind") == "shards" else "")
+        raise ValueError(f"{DIGITS_KEY}: {path} is not a digits extractor (safetensors metadata lacks "
+                         f"kind/config){hint}")
     model = DigitsCNN(**json.loads(meta["config"]))
     state = load_file(path)
     model.load_state_dict(state)

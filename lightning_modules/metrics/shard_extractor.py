@@ -164,7 +164,8 @@ def train_shard_extractor(shards: str, image_size: int, val_shards: str = "", se
                 "batch_size": batch_size, "lr": lr, "num_train": len(y_tr),
                 "train_accuracy": _accuracy(model, x_tr, y_tr), "torch_version": torch.__version__}
         if val is not None:
-            info.update(val_accuracy=_accuracy(model, *val), num_val=len(val[1]), val_shards=os.path.abspath(val_shards))
+            info.update(val_accuracy=_accuracy(model, *val), num_val=len(val[1]),
+                        val_shards=os.path.abspath(val_shards))
     return model, info
 
 
@@ -240,5 +241,6 @@ def check_domain(extractor, image_size: int | None, ref: str, first_batch: np.nd
         raise ValueError(f"{KEY}: {extractor.name} was trained on {domain.get('shards')}, not on the embedded digits "
                          f"(--ref {ref})")
     if classes is not None and domain.get("classes_digest") and classes_digest(classes) != domain["classes_digest"]:
-        raise ValueError(f"{KEY}: {extractor.name} was trained on {domain.get('shards')} ({len(domain.get('classes') or {})} "
+        trained = len(domain.get("classes") or {})
+        raise ValueError(f"{KEY}: {extractor.name} was trained on {domain.get('shards')} ({trained} "
                          f"classes), the reference {ref} is another dataset ({where}: {len(classes)} classes)")

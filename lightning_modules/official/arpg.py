@@ -55,8 +55,9 @@ def to_ours(sd: dict) -> dict:
     vocab = sd["head.weight"].shape[0]
     emb = sd["embeddings.weight"]
     V, C = _split_vocab(emb.shape[0], vocab)
-    out = {"tok_embeddings.weight": emb[:V], "query_token": emb[V:V + 1], "cls_embedding.weight": emb[V + 1:V + C + 2],
-           "kv_norm.weight": sd["layers.norm.weight"], "norm.weight": sd["norm.weight"], "output.weight": sd["head.weight"],
+    out = {"tok_embeddings.weight": emb[:V], "query_token": emb[V:V + 1],
+           "cls_embedding.weight": emb[V + 1:V + C + 2], "kv_norm.weight": sd["layers.norm.weight"],
+           "norm.weight": sd["norm.weight"], "output.weight": sd["head.weight"],
            "to_kv.weight": torch.cat([sd["layers.to_k.weight"], sd["layers.to_v.weight"]], 0)}
     consumed = {"embeddings.weight", "layers.norm.weight", "norm.weight", "head.weight", "layers.to_k.weight",
                 "layers.to_v.weight"}
@@ -105,7 +106,8 @@ def to_official(sd: dict) -> dict:
         prefix = f"layers.self_dec.{i}." if part == "layers" else f"layers.cross_dec.{i}."
         if rest == "attention.wqkv":
             q, kk, vv = value.chunk(3, 0)
-            out.update({prefix + "attn.to_q.weight": q, prefix + "attn.to_k.weight": kk, prefix + "attn.to_v.weight": vv})
+            out.update({prefix + "attn.to_q.weight": q, prefix + "attn.to_k.weight": kk,
+                        prefix + "attn.to_v.weight": vv})
         elif rest == "attention.wq":
             out[prefix + "attn.to_q.weight"] = value
         elif rest in inv:

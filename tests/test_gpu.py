@@ -1,7 +1,7 @@
 """GPU-only checks (`make test-gpu` = pytest -m gpu; skipped without CUDA): the training forward on CUDA against
 the CPU, bf16 autocast and bf16 sampling, the flash SDPA kernel on the shapes a raster decode produces, and
-the fast decode step under CUDA graphs against the eager loop, Lightning's stock DeepSpeed strategy and bf16-mixed
-training for real.
+the fast decode step under CUDA graphs against the eager loop, the device memory a training sampling event gives
+back, Lightning's stock DeepSpeed strategy and bf16-mixed training for real, with every training callback on.
 
 ROAR_TEST_DEVICE=cpu runs the device-independent parts on the CPU (a check of the test code itself on machines
 without a GPU; the DeepSpeed/Lightning GPU runs stay skipped there).

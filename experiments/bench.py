@@ -24,6 +24,7 @@ import torch
 
 # sync: the bench sections import it from here
 from lightning_modules.flops import matmul_gflops, stream_gbps, sync  # noqa: F401
+from lightning_modules.tf32 import cuda_tf32
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -194,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--kernels", default="auto", help="train: trainer.kernels, sample: sample.kernels values to time "
                                                       "(aten,onednn,auto; speedup_vs_eager compares each sampling row "
                                                       "with compile off + aten)")
+    p.add_argument("--tf32", default="on", choices=("on", "off"),
+                   help="CUDA fp32 matmuls in TF32 (trainer.tf32 / sample.tf32: on, as a run trains and samples)")
     p.add_argument("--cfgs", default="", help="sample: CFG scales to time (default 1,4)")
     p.add_argument("--nocache", default="default", help="sample: no-KV-cache reference at 'default' steps, 'all', "
                                                          "or 'off'")
@@ -231,7 +234,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        return run(a, argv)
+        with cuda_tf32(a.tf32 == "on"):  # the peaks too: an MFU's peak must be the one its matmuls run at
+            return run(a, argv)
     finally:
         torch.set_num_threads(threads)  # main() is also called in-process (tests)
 
@@ -241,7 +245,7 @@ def run(a, argv) -> int:
 
     torch.manual_seed(0)
     results = {"command": a.what, "argv": " ".join(["python -m experiments.bench"] + list(argv or sys.argv[1:])),
-               "machine": machine_info(a.device)}
+               "machine": machine_info(a.device), "tf32": a.tf32}
     variants = [v for v in a.variants.split(",") if v] or runnable_variants(a.flavour)
     peak_sizes = tuple(int(n) for n in a.peak_sizes.split(","))
     dtypes = peak_dtypes(a)
@@ -286,7 +290,7 @@ def run(a, argv) -> int:
                                          warmup=a.warmup, device=a.device, grid=a.grid, vocab=a.vocab, sweep=steps,
                                          no_sweep=no_sweep, nocache=a.nocache, draws=a.draws.split(","),
                                          precisions=a.precisions.split(","), compiles=a.sample_compile.split(","),
-                                         kernels=a.kernels.split(","),
+                                         kernels=a.kernels.split(","), tf32=a.tf32 == "on",
                                          cfgs=[float(c) for c in a.cfgs.split(",")] if a.cfgs else None)
         results["peak_after"] = matmul_peak(a.device, dtypes, peak_sizes)
         add_mfu(results)

@@ -138,7 +138,7 @@ def run_suite(a, results: dict, save=None) -> dict:
         s = bench_sample([v], [size], flavour=a.flavour, batches=[batch], repeat=repeat, warmup=warmup,
                          device=device, grid=grid, vocab=vocab, no_sweep=True, nocache="off", draws=["multinomial"],
                          precisions=["bf16"], compiles=["off", "on"] if batch == batches[0] else ["on"],
-                         kernels=["aten"], cfgs=[4.0], memory=True)
+                         kernels=["aten"], cfgs=[4.0], memory=True, tf32=a.tf32 == "on")
         sample_rows.extend(s["results"])
 
     def train(v, size):

@@ -197,7 +197,7 @@ def step_plan(variant: str, n: int, sweep: list[int], no_sweep: bool) -> list[tu
 def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, warmup=1, device="cpu", grid=16,
                  vocab=16384, sweep=(), no_sweep=False, nocache="default", draws=("multinomial", "inverse_cdf"),
                  precisions=("fp32",), compiles=("off",), kernels=("auto",), cfgs=None, cfg_scale=4.0, seed=0,
-                 memory: bool = False) -> dict:
+                 memory: bool = False, tf32: bool = True) -> dict:
     """Per size: round-robin over every (variant, batch, steps, cfg, draw, precision, compile, kernels, cache)
     setting, so a
     load change on a shared machine hits all alike; median seconds of ``repeat`` after ``warmup`` (at least one
@@ -225,7 +225,7 @@ def bench_sample(variants, sizes, *, flavour="llama", batches=(1, 8), repeat=3, 
 
         def settings(v, batch, steps, cfg, draw, precision, comp, kern):
             return modules[v].sample_settings(num_steps=steps, cfg_scale=cfg, draw=draw, precision=precision,
-                                              compile=comp, kernels=kern)
+                                              compile=comp, kernels=kern, tf32=tf32)
 
         def run(v, batch, steps, cfg, draw, precision, comp, kern, cache):
             m = modules[v]

@@ -82,6 +82,9 @@ class TrainerConfig:
     # | onednn (every linear; CPU and 32-true only). Validation and sampling keep torch's / sample.kernels' kernels.
     kernels: Kernels = "auto"
     deterministic: bool = False
+    # CUDA fp32 matmuls / cuDNN convolutions in TF32 for the run, as LlamaGen's, ARPG's and RAR's trainers set it
+    # (lightning_modules/tf32.py; sampling events follow sample.tf32); nothing changes on a CPU
+    tf32: bool = True
     fast_dev_run: bool = False
     # a rank with no progress (no Lightning hook started or ended) this long ends the run with one line naming the
     # rank, step and hook; the DDP / DeepSpeed process-group timeout is this + max(60, 10%) (experiments/watchdog.py)

@@ -38,8 +38,9 @@ def knob_name(module, settings, seed: int, n: int) -> str:
 
 
 def non_default(s) -> str:
-    """The draw and precision, only where they differ from the defaults (older file names stay valid)."""
-    return (f"_{s.draw}" if s.draw != "multinomial" else "") + (f"_{s.precision}" if s.precision != "fp32" else "")
+    """The draw, precision and TF32, only where they differ from the defaults (older file names stay valid)."""
+    return ((f"_{s.draw}" if s.draw != "multinomial" else "") + (f"_{s.precision}" if s.precision != "fp32" else "")
+            + ("" if s.tf32 else "_notf32"))
 
 
 def parse_overrides(items: list[str]) -> dict:

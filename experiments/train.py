@@ -78,6 +78,7 @@ def run(cfg, quiet: bool = False) -> dict:
     from experiments.build import build_callbacks, build_datamodule, build_lightning_module, build_trainer
     from experiments.tb_summary import log_run_summary
     from lightning_modules.checkpointing import find_resume_checkpoint
+    from lightning_modules.tf32 import cuda_tf32
 
     name = run_name(cfg)
     run_dir = os.path.join(cfg.out_dir, name)
@@ -112,12 +113,13 @@ def run(cfg, quiet: bool = False) -> dict:
     ckpt = find_resume_checkpoint(cfg.resume, run_dir)
     start = time.time()
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run and not no_val:
-            # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
-            trainer.validate(module, datamodule=dm, verbose=False)
-            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        with cuda_tf32(cfg.trainer.tf32):  # before fit's setup: Lightning's ThroughputMonitor picks its peak by it
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            if module.last_val_step != trainer.global_step and not cfg.trainer.fast_dev_run and not no_val:
+                # metrics.json always holds the final val NLL; validate() replaces callback_metrics, so merge
+                trainer.validate(module, datamodule=dm, verbose=False)
+                metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     except BaseException as err:
         failure = ended_ranks(trainer, cfg, err)
         if failure is err:

@@ -175,7 +175,8 @@ def fast_generate(ordering, backbone, plan: DecodePlan, state: DecodeState, scal
     tokens_pad[:, 1:] = state.tokens  # known tokens (editing) in order; -1 where not yet decoded (never read)
     steps = plan_steps(ordering, backbone, plan, state, scales, cache, known_grid)
     V = backbone.vocab_size
-    key = (B2 > B, settings.temperature, settings.top_k, settings.top_p, settings.draw)
+    # tf32: dynamo guards on the TF32 flag, so each setting gets its own code object (and recompile budget)
+    key = (B2 > B, settings.temperature, settings.top_k, settings.top_p, settings.draw, settings.tf32)
     fn = dec.step_fn(key, compiled, cuda)
     for t, s in enumerate(steps):
         noise = dec.noise_buffer(s.rows, V, settings.draw, device)

@@ -93,6 +93,7 @@ class SampleConfig:  # empty / 0 = the ordering's default
     precision: SamplePrecision = ""  # "" = fp32 | bf16 (the official samplers' setting: a bf16 copy of the weights)
     compile: Compile = "auto"  # the fast decode path: auto (on with CUDA outside training callbacks) | on | off (eager)
     kernels: Kernels = "auto"  # the linears' kernels: auto (oneDNN prepacked for big linears on a CPU) | aten | onednn
+    tf32: bool = True  # CUDA fp32 matmuls in TF32 while generating, as the official samplers (see tf32.py)
 
 
 # Sample fields whose empty value means "the ordering's default" (the others always come from the config).

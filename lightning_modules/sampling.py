@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_modules.schedules import cfg_scale
+from lightning_modules.tf32 import cuda_tf32
 
 
 @dataclass
@@ -67,6 +68,7 @@ class SampleSettings:
     precision: str = "fp32"  # fp32 | bf16: the backbone's weights and activations while sampling (sampling_backbone)
     compile: str = "auto"  # auto | on | off | static: the fast decode path (lightning_modules/fast_decode.py)
     kernels: str = "auto"  # auto | aten | onednn: the linears' kernels while sampling (sampling_backbone)
+    tf32: bool = True  # CUDA fp32 matmuls / convolutions in TF32 while generating (lightning_modules/tf32.py)
 
 
 DRAWS = ("multinomial", "inverse_cdf")
@@ -216,7 +218,13 @@ def generate(model, labels: torch.Tensor, settings: SampleSettings, generator: t
     known: (mask bool [N], tokens long [B, N]) — positions given up front (inpainting, editing); kept exactly.
     draw: replaces the random draw (parity traces force tokens); recorder: receives every step's tensors.
     order: an explicit decode order [B, N] (known positions first), overriding the ordering's own draw.
+    ``settings.tf32`` holds for the whole generation, and only for it.
     """
+    with cuda_tf32(settings.tf32):
+        return _generate(model, labels, settings, generator, known, draw, recorder, order)
+
+
+def _generate(model, labels, settings, generator, known, draw, recorder, order) -> torch.Tensor:
     ordering = model.ordering
     backbone = sampling_backbone(model.backbone, settings.precision, settings.kernels)
     B, N = labels.shape[0], backbone.num_positions

@@ -144,7 +144,7 @@ def _kv_cache_logits(module, tokens, labels, order) -> torch.Tensor:
 
     rec = []
     settings = module.sample_settings(schedule="one_per_step", num_steps=tokens.shape[1], cfg_schedule="constant",
-                                      cfg_scale=1.0, mode="official")
+                                      cfg_scale=1.0, mode="official", tf32=False)  # fp32 references
     generate(module, labels, settings, None, draw=lambda logits, pos: torch.gather(tokens, 1, pos),
              recorder=rec.append, order=order)
     return torch.cat([r["logits_cond"] for r in rec], 1)
@@ -263,7 +263,7 @@ def run_trace(path_or_dict, atol: float = 1e-4, mode: str = "official", source: 
     report = ParityReport(source or _source(path_or_dict), atol)
     inp, out = fx["inputs"], fx["outputs"]
     module = build_official_generator(fx)
-    settings = dict(family_module(fx["family"]).trace_settings(inp), mode=mode)
+    settings = dict(family_module(fx["family"]).trace_settings(inp), mode=mode, tf32=False)  # fp32 references
     for key, cast in (("temperature", float), ("top_k", int), ("top_p", float)):
         if key in inp:
             settings[key] = cast(inp[key])

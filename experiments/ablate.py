@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
@@ -293,9 +292,7 @@ def evaluation_settings(module, sweep: DictConfig) -> tuple[list[dict], list[str
 
 def evaluate_arm(arm: Arm, sweep: DictConfig, scorer: FidScorer | None, log=print) -> list[dict]:
     """Rows (one per evaluation setting) for a finished arm; cached in <run>/ablation_eval.json."""
-    import torch
-
-    from lightning_modules.sample_set import count_tag, eval_plan
+    from lightning_modules.sample_set import count_tag, timed_sample_set
 
     cache_path = os.path.join(arm.run_dir, EVAL_CACHE)
     cache = json.load(open(cache_path)) if os.path.isfile(cache_path) else {}
@@ -311,13 +308,8 @@ def evaluate_arm(arm: Arm, sweep: DictConfig, scorer: FidScorer | None, log=prin
     for over in settings:
         key = json.dumps(dict(hash=m["config_hash"], steps=m["steps"], sample=over, **protocol), sort_keys=True)
         if key not in cache:
-            images, labels_all, start = [], [], time.perf_counter()
-            for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, ev.batch_size, ev.seed):
-                images.append(module.sample_images(labels, seed, **over).cpu())  # .cpu(): timed to completion
-                labels_all.append(labels.cpu())
-            seconds = time.perf_counter() - start
-            images, labels_all = torch.cat(images), torch.cat(labels_all)
-            cache[key] = {"images_per_s": len(images) / seconds,
+            images, labels_all, images_per_s = timed_sample_set(module, n, ev.batch_size, ev.seed, **over)
+            cache[key] = {"images_per_s": images_per_s,
                           "fid": scorer.fid(images) if scorer is not None else None,
                           "class_consistency": (scorer.class_consistency(images, labels_all)
                                                 if scorer is not None else None)}

@@ -205,11 +205,21 @@ def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictCo
     return cfg
 
 
+# Keys added after run names were first derived from this hash, each with the default it was added with: left out of
+# the hash at that value (a key at another value still changes it), so a run, a requeued SLURM job or a finished
+# sweep arm keeps its name, and resumes or is skipped, across an upgrade that adds a key. A new key goes here.
+HASH_NEUTRAL = {"trainer.tf32": True, "sample.tf32": True}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Hash of everything that changes the result (not where it is written or whether it resumes)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in ("name", "out_dir", "resume"):
         data.pop(key, None)
+    for key, value in HASH_NEUTRAL.items():
+        section, leaf = key.split(".")
+        if leaf in data.get(section, {}) and data[section][leaf] == value:
+            del data[section][leaf]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -71,14 +71,10 @@ def ensure_digits_vq(vq_dir: str) -> str:
 def sample_and_score(module, scorer, n: int = FID_SAMPLES, batch: int = 100) -> dict:
     """n class-balanced samples at the module's own sampling settings: images/s, FID, class-consistency (the
     share the digits CNN assigns to their conditioning class), the images."""
-    from lightning_modules.sample_set import eval_plan
+    from lightning_modules.sample_set import timed_sample_set
 
-    images, labels_all, start = [], [], time.perf_counter()
-    for _, labels, _, seed in eval_plan(n, module.backbone.num_classes, batch, seed=0):
-        images.append(module.sample_images(labels, seed).cpu())
-        labels_all.append(labels.cpu())
-    seconds, images, labels_all = time.perf_counter() - start, torch.cat(images), torch.cat(labels_all)
-    return {"images_per_s": len(images) / seconds, "fid": scorer.fid(images),
+    images, labels_all, images_per_s = timed_sample_set(module, n, batch, seed=0)
+    return {"images_per_s": images_per_s, "fid": scorer.fid(images),
             "class_consistency": scorer.class_consistency(images, labels_all), "images": images}
 
 

@@ -63,3 +63,29 @@ def eval_plan(num_samples: int, num_classes: int, batch_size: int, seed: int, ra
     """This rank's batches as tuples [(batch index, labels [b], global sample index [b], seed)]."""
     return [(s.index, s.labels, s.samples, s.seed)
             for s in sample_batches(num_samples, num_classes, batch_size, seed, rank, world_size)]
+
+
+def timed_sample_set(module, num_samples: int, batch_size: int, seed: int,
+                     **overrides) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The class-balanced set of ``num_samples`` (this protocol, one rank) sampled at ``overrides`` -> (images uint8
+    [n, 3, H, W] on the CPU, labels long [n], images/s): ablate's and the demo's speed figure. Where ``generate``
+    takes the fast path (sampling.fast_path: sample.compile=on, or auto with CUDA), each batch size is sampled once
+    untimed first: torch.compile's first calls (tens of seconds per configuration, more for orderings with more step
+    shapes) and CUDA-graph recording would otherwise rank orderings by their compile time. The images are the same
+    (a batch is deterministic given its labels and seed); the eager loop is timed as it runs."""
+    import time
+
+    from lightning_modules.sampling import fast_path
+
+    warm_up = fast_path(module.sample_settings(**overrides).compile, module.device)
+    images, labels_all, seconds, warm = [], [], 0.0, set()
+    for _, labels, _, seed_b in eval_plan(num_samples, module.backbone.num_classes, batch_size, seed):
+        if warm_up and len(labels) not in warm:
+            module.sample_images(labels, seed_b, **overrides)
+            warm.add(len(labels))
+        start = time.perf_counter()
+        images.append(module.sample_images(labels, seed_b, **overrides).cpu())  # .cpu(): timed to completion
+        seconds += time.perf_counter() - start
+        labels_all.append(labels.cpu())
+    images = torch.cat(images)
+    return images, torch.cat(labels_all), len(images) / seconds

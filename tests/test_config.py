@@ -48,6 +48,20 @@ def test_batch_layout_is_derived_from_the_global_batch():
     assert batch_layout(cfg) == (4, 8, 2)
 
 
+def test_run_names_survive_an_upgrade_that_adds_a_key():
+    """A run's name (and so resume=auto, a requeued SLURM job, ablate's skipping of finished arms) comes from the
+    config hash. A key added later must leave it as it was (experiments/config.py::HASH_NEUTRAL), or every run
+    started before the upgrade starts again from step 0 under a new name. Pinned: the demo preset's hash before
+    trainer.tf32 / sample.tf32 were added. Changing an existing default changes it on purpose (update the pin)."""
+    from experiments.config import HASH_NEUTRAL, config_hash
+
+    cfg = load_config([DEMO])
+    assert config_hash(cfg) == "b006cd05"
+    for key, value in HASH_NEUTRAL.items():  # any other value of a neutral key is another run
+        assert config_hash(load_config([DEMO], [f"{key}={not value}"])) != config_hash(cfg), key
+    assert run_name(cfg) == "raster-llama-small-s0-b006cd05"
+
+
 MALFORMED = [
     # unknown keys
     ("model.foo=1", "model.foo"), ("modle.variant=rar", "modle"), ("trainer.gpus=2", "trainer.gpus"),

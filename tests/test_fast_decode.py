@@ -189,3 +189,52 @@ def test_a_training_runs_sampling_events_sample_eagerly_and_keep_nothing_after(m
     outside = m.sample_codes(LABELS, seed=0, num_steps=4, cfg_scale=2.0, precision="bf16")
     assert asked[1] == (True, True) and m.backbone in sampling._SAMPLING_COPIES  # a sampling run keeps both
     assert torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("variant", ["raster", "arpg"])
+def test_a_dropped_module_takes_its_fast_path_state_with_it(variant, dynamo_backend):
+    """ablate and study evaluate arm after arm in one process: once an arm's module is dropped, its fast-path state
+    (KV cache, token buffers, compiled steps: fast_decode._DECODERS, keyed weakly by backbone) goes with it, i.e.
+    nothing the compiled step or dynamo's guards keep holds the backbone (checked with inductor too, by hand)."""
+    import gc
+    import weakref
+
+    dynamo_backend("aot_eager")
+    m = make_module(variant)
+    mode, steps, cfg = settings_matrix(m)[0]
+    generate(m, LABELS, m.sample_settings(num_steps=steps, cfg_scale=cfg, mode=mode, compile="on"), make_generator(0))
+    assert m.backbone in fast_decode._DECODERS
+    backbone, module = weakref.ref(m.backbone), weakref.ref(m)
+    del m
+    gc.collect()
+    assert backbone() is None and module() is None
+    assert not any(True for _ in fast_decode._DECODERS.keys())
+
+
+@pytest.mark.parametrize("compile_setting", ["off", "static"])
+def test_speed_figures_leave_the_compiling_calls_out(compile_setting, monkeypatch):
+    """ablate's and the demo's images/s (sample_set.timed_sample_set): on the fast path each batch size is sampled
+    once untimed first, so a compile (here a stand-in: the first call per batch size sleeps) stays out of the figure;
+    the eager loop is timed as it runs. Batches of 4, 4 and 2: two batch sizes, the same images either way."""
+    import time
+
+    from lightning_modules.sample_set import timed_sample_set
+
+    m, calls = make_module("arpg"), []
+    real = m.sample_images
+
+    def first_call_per_size_is_slow(labels, seed, **overrides):
+        calls.append(len(labels))
+        if calls.count(len(labels)) == 1:
+            time.sleep(0.4)
+        return real(labels, seed, **overrides)
+
+    monkeypatch.setattr(m, "sample_images", first_call_per_size_is_slow)
+    images, labels, per_s = timed_sample_set(m, 10, 4, 0, num_steps=4, compile=compile_setting)
+    assert images.shape[0] == 10 and labels.tolist() == [i % 5 for i in range(10)]
+    if compile_setting == "off":  # CPU auto is this: nothing extra, the slow calls timed
+        assert calls == [4, 4, 2] and per_s < 10 / 0.8
+    else:
+        assert calls == [4, 4, 4, 2, 2] and per_s > 10 / 0.4
+    monkeypatch.undo()
+    assert torch.equal(images, timed_sample_set(m, 10, 4, 0, num_steps=4, compile="off")[0])

@@ -1,7 +1,7 @@
 """GPU-only checks (`make test-gpu` = pytest -m gpu; skipped without CUDA): the training forward on CUDA against
 the CPU, bf16 autocast and bf16 sampling, the flash SDPA kernel on the shapes a raster decode produces, and
-the fast decode step under CUDA graphs against the eager loop, the device memory a training sampling event gives
-back, Lightning's stock DeepSpeed strategy and bf16-mixed training for real, with every training callback on.
+the fast decode step under CUDA graphs against the eager loop (IEEE fp32 and TF32), the device memory a training
+sampling event gives back and a dropped module's fast-path memory, Lightning's stock DeepSpeed strategy and bf16-mixed training for real, with every training callback on.
 
 ROAR_TEST_DEVICE=cpu runs the device-independent parts on the CPU (a check of the test code itself on machines
 without a GPU; the DeepSpeed/Lightning GPU runs stay skipped there).
@@ -133,6 +133,33 @@ def test_a_training_sampling_event_gives_the_device_its_memory_back():
     m.sample_codes(labels, seed=0, num_steps=4, cfg_scale=2.0, compile="static")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before > 4 * 2**20  # K/V of 6 rows x 257 slots x 2 layers x 256, fp32
+
+
+@needs_cuda
+def test_an_evaluated_arm_gives_the_device_its_memory_back_once_dropped():
+    """ablate and study sample arm after arm in one process with sample.compile=auto (CUDA graphs outside training):
+    once an arm's module is dropped, its KV cache, buffers and CUDA graphs (cudagraph trees' memory pool) must be
+    free for the next arm. The control: while the module lives, the fast path holds its per-configuration state."""
+    import gc
+
+    warm = make_module("arpg", grid=(16, 16), vocab=1024, dim=256).to("cuda")
+    labels = torch.tensor([0, 3, 4], device="cuda")
+    warm.sample_codes(labels, seed=0, num_steps=4, cfg_scale=2.0, compile="off")  # cuBLAS workspaces
+    del warm
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    m = make_module("arpg", grid=(16, 16), vocab=1024, dim=256).to("cuda")
+    weights = torch.cuda.memory_allocated() - base
+    for seed in (0, 1, 2):  # warm-up, recording, replay
+        m.sample_codes(labels, seed=seed, num_steps=4, cfg_scale=2.0)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base - weights > 4 * 2**20  # the cache: 6 rows x 257 x 2 layers x 256
+    del m
+    gc.collect()
+    torch.cuda.synchronize()
+    left = torch.cuda.memory_allocated() - base
+    assert left < 2**20, f"a dropped module left {left / 2**20:.1f} MB on the device"
 
 
 def train_run(tmp_path, name: str, *overrides: str) -> dict:

@@ -121,3 +121,24 @@ def test_bench_records_its_tf32_and_samples_under_it(tmp_path, monkeypatch):
                        "--out", str(out)]) == 0
     assert json.load(open(out))["tf32"] == "off"
     assert seen and set(seen) == {(False, (False, False))}
+
+
+def test_scores_extract_features_in_ieee_fp32_inside_any_tf32_scope(monkeypatch):
+    """FID / IS / class-consistency features: IEEE fp32 whatever the run's TF32 (the val/fid a training run logs
+    inside trainer.tf32 equals experiments.evaluate's score outside it; no score depends on the GPU generation)."""
+    from lightning_modules.metrics.extractors import DigitsCNN
+
+    cnn, seen = DigitsCNN(), []
+    inner = DigitsCNN._features_and_logits
+
+    def spy(self, images):
+        seen.append(tf32_state())
+        return inner(self, images)
+
+    monkeypatch.setattr(DigitsCNN, "_features_and_logits", spy)
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with cuda_tf32(True):
+        feats, logits = cnn.features_and_logits(images)
+        assert tf32_state() == (True, True)
+    cnn.features(images)
+    assert seen == [(False, False)] * 2 and feats.shape == (2, cnn.num_features) and logits.shape == (2, 10)

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_modules.tf32 import cuda_tf32
+
 INCEPTION_KEY = "eval.inception_weights"
 DIGITS_KEY = "eval.extractor_weights"
 KINDS = ("inception", "digits", "shards")  # shards: a CNN trained on your labelled shards (shard_extractor.py)
@@ -76,6 +78,13 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, F], logits [B, K]) of uint8 images, in IEEE fp32 on CUDA whatever trainer.tf32 /
+        sample.tf32 say: a score must not depend on the GPU generation, and the val/fid a run logs (inside its
+        TF32 scope) must equal the offline score of its checkpoint (experiments.evaluate, outside it)."""
+        with cuda_tf32(False):
+            return self._features_and_logits(images)
+
+    def _features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -131,7 +140,7 @@ class InceptionExtractor(FeatureExtractor):
         self.eval()
 
     @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_uint8(images)
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
@@ -175,7 +184,7 @@ class DigitsCNN(FeatureExtractor):
         return h, self.head(F.relu(h))         # [B, F], [B, K]
 
     @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward_float(self.preprocess(images))
 
 

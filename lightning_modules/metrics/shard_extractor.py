@@ -82,7 +82,7 @@ class ShardCNN(FeatureExtractor):
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
     @torch.no_grad()
-    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._forward_float(self.preprocess(images))
 
 

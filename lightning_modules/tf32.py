@@ -2,7 +2,8 @@
 samplers (``train_c2i.py``, ``sample_c2i_ddp.py``: ``torch.backends.cuda.matmul.allow_tf32 = True``, cuDNN likewise)
 and RAR's (docs/methods/rar.md) run their fp32 matmuls and convolutions in TF32 (RandAR's scripts were not at hand to
 check), so roar does too, scoped to a training run or a generation so that nothing outside it changes. On a CPU the
-flags change nothing. Parity checks and scores' feature extraction (metrics/extractors.py) run with it off.
+flags change nothing. Parity checks, tokenizers (tokenizers/base.py) and scores' feature extraction
+(metrics/extractors.py) run with it off.
 
 The legacy flags, on purpose: ``torch.set_float32_matmul_precision`` would also switch oneDNN's CPU matmuls
 (``torch.backends.mkldnn.matmul.fp32_precision``), and setting the newer ``fp32_precision`` API makes the legacy

@@ -142,3 +142,21 @@ def test_scores_extract_features_in_ieee_fp32_inside_any_tf32_scope(monkeypatch)
         assert tf32_state() == (True, True)
     cnn.features(images)
     assert seen == [(False, False)] * 2 and feats.shape == (2, cnn.num_features) and logits.shape == (2, 10)
+
+
+def test_tokenizers_encode_and_decode_in_ieee_fp32_inside_any_tf32_scope(monkeypatch):
+    """The codes of an image do not depend on the path that made them (pretokenize, or data.kind=images inside a
+    run's TF32 scope, where a quantizer's argmin could flip), nor a sample's pixels on who decoded it."""
+    from tokenizers.pixel import PixelTokenizer
+
+    tok, seen = PixelTokenizer(), []
+    for name in ("_encode", "_decode"):
+        inner = getattr(PixelTokenizer, name)
+        monkeypatch.setattr(PixelTokenizer, name,
+                            lambda self, x, inner=inner: seen.append(tf32_state()) or inner(self, x))
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    with cuda_tf32(True):
+        codes = tok.encode(images)
+        back = tok.decode(codes)
+        assert tf32_state() == (True, True)
+    assert seen == [(False, False)] * 2 and back.shape == images.shape and back.dtype == torch.uint8

@@ -4,6 +4,7 @@ Contract (docs/architecture.md):
   encode(images uint8 [B,3,H,W]) -> codes long [B,h,w]
   decode(codes long [B,h,w])     -> images uint8 [B,3,H,W]
   vocab_size, grid(H, W) -> (h, w), name, fingerprint (hash of config + weights)
+Subclasses implement _encode / _decode; the public pair runs them in IEEE fp32 on CUDA (no TF32).
 Tokenizers are frozen inside generators; checkpoints and code shards record the fingerprint and a
 mismatch is refused with both fingerprints named.
 """
@@ -36,12 +37,28 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"{self.name}: image size {height}x{width} not divisible by {self.downsample}")
         return height // self.downsample, width // self.downsample
 
+    # The public codecs run in IEEE fp32 on CUDA whatever trainer.tf32 / sample.tf32 say (lightning_modules/tf32.py):
+    # the codes of an image must not depend on the path that made them (pretokenize, or data.kind=images inside a
+    # training run's TF32 scope: a quantizer's argmin flips on TF32 rounding), nor the pixels of a sample on whether
+    # a callback or experiments.sample decoded it. Subclasses implement _encode / _decode.
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        from lightning_modules.tf32 import cuda_tf32  # here: tokenizers/ is imported before lightning_modules/
+
+        with cuda_tf32(False):
+            return self._encode(images)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        from lightning_modules.tf32 import cuda_tf32
+
+        with cuda_tf32(False):
+            return self._decode(codes)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property

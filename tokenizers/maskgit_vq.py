@@ -221,13 +221,13 @@ class MaskGITVQ(ImageTokenizer):
         return torch.clamp(self.decoder(self.quantize.lookup(codes)), 0.0, 1.0)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.name, self.downsample)
         x = self.to_model_space(images.to(self.quantize.embedding.weight.device))
         return self.quantize.codes(self.encoder(x))
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         check_codes(codes, self.name, self.vocab_size)
         return self.to_pixels(self.decode_code(codes.to(self.quantize.embedding.weight.device).long()))
 

@@ -25,13 +25,13 @@ class PixelTokenizer(ImageTokenizer):
         return {"levels": self.levels}
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         # images uint8 [B,C,H,W] -> grey [B,H,W] -> codes in [0, levels)
         grey = images.float().mean(dim=1)
         return torch.round(grey / 255.0 * (self.levels - 1)).long().clamp_(0, self.levels - 1)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         # codes [B,h,w] -> uint8 [B,3,h,w]
         grey = torch.round(codes.float().clamp(0, self.levels - 1) * (255.0 / (self.levels - 1)))
         return grey.to(torch.uint8).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
@@ -51,10 +51,10 @@ class CodesTokenizer(ImageTokenizer):
     def config(self) -> dict:
         return {"vocab_size": self.vocab_size, "source": self.source}
 
-    def encode(self, images):
+    def _encode(self, images):
         raise ValueError("tokenizer.kind=codes cannot encode images: use code shards or a real tokenizer")
 
     @torch.no_grad()
-    def decode(self, codes):
+    def _decode(self, codes):
         grey = (codes.float() * (255.0 / max(1, self.vocab_size - 1))).round().to(torch.uint8)
         return grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()

@@ -354,7 +354,7 @@ class LlamaGenVQ(ImageTokenizer):
 
     # ---- ImageTokenizer protocol ----
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.name, self.downsample)
         x = self.to_model_space(images.to(self.quant_conv.weight.device))
         z = self.pre_quant(x).permute(0, 2, 3, 1)  # [B, h, w, D]
@@ -364,7 +364,7 @@ class LlamaGenVQ(ImageTokenizer):
         return torch.argmin(self.quantize.distances(z.reshape(-1, d)), dim=1).view(b, h, w)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         check_codes(codes, self.name, self.vocab_size)
         return self.to_pixels(self.decode_code(codes.to(self.quant_conv.weight.device).long()))
 

@@ -205,9 +205,10 @@ def load_config(yaml_files: list[str] = (), overrides: list[str] = ()) -> DictCo
     return cfg
 
 
-# Keys added after run names were first derived from this hash, each with the default it was added with: left out of
-# the hash at that value (a key at another value still changes it), so a run, a requeued SLURM job or a finished
-# sweep arm keeps its name, and resumes or is skipped, across an upgrade that adds a key. A new key goes here.
+# Keys added since trainer.tf32 (2026-12-07), each with the default it was added with: left out of the hash at that
+# value (a key at another value still changes it), so a run, a requeued SLURM job or a finished sweep arm keeps its
+# name, and resumes or is skipped, across an upgrade that adds a key. A new key goes here (tests/test_config.py pins
+# the demo preset's hash).
 HASH_NEUTRAL = {"trainer.tf32": True, "sample.tf32": True}
 
 

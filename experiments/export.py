@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 
-import torch
 
 from lightning_modules.checkpointing import safe_load
 

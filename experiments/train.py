@@ -72,7 +72,6 @@ def ended_ranks(trainer, cfg, err: BaseException) -> BaseException:
 def run(cfg, quiet: bool = False) -> dict:
     """Train per ``cfg``; returns the metrics dict written to runs/<name>/metrics.json."""
     import lightning as L
-    import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from experiments.build import build_callbacks, build_datamodule, build_lightning_module, build_trainer

@@ -2,7 +2,6 @@
 checkpoint, a missing weight file."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import VALID, make_module
-from lightning_modules.sampling import SampleSettings, generate
+from lightning_modules.sampling import generate
 
 N, V = 16, 11
 

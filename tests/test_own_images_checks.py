@@ -5,7 +5,6 @@ resolution; the ImageNet presets validate on ImageNet."""
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import REPO, subprocess_env

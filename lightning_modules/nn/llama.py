@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_modules.nn.attention import CacheSet, CrossAttention, KVCache, SelfAttention, StaticPrep, static_mask
 from lightning_modules.nn.rope import Rope2D, apply_rope
-from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_IMAGE, SLOT_POSITION, Seq, gather_slots
+from lightning_modules.nn.sequence import SLOT_CLASS, SLOT_POSITION, Seq, gather_slots
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 256) -> int:

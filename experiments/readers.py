@@ -117,7 +117,7 @@ TOKENIZER_READERS: dict[str, str | When | None] = {
     **{f"data.{k}": _kind("data", "shards") for k in ("train_shards", "val_shards", "center_crop", "random_flip",
                                                       "num_workers", "val_count")},
     **{f"train.{k}": ALWAYS for k in ("max_steps", "seed", "lr", "weight_decay", "rec_loss", "disc_start",
-                                      "perceptual_weight", "num_threads", "accelerator", "extractor")},
+                                      "perceptual_weight", "num_threads", "accelerator", "tf32", "extractor")},
     **{f"train.{k}": DISC for k in ("disc_weight", "disc_layers", "disc_ndf")},
     "train.perceptual_path": When(lambda c: c.train.perceptual_weight > 0, "train.perceptual_weight > 0",
                                   lambda c: f"train.perceptual_weight={c.train.perceptual_weight}"),

@@ -59,6 +59,7 @@ class TrainSection:
     val_every_steps: int = 0  # shards: 0 = validate once, at the end
     num_threads: int = 0  # 0 = torch default
     accelerator: str = "cpu"  # cpu | gpu | auto (the VQ-16 at 256 px wants a GPU; a CPU only smoke-tests it)
+    tf32: bool = True  # CUDA: TF32 matmuls / convs while training, as LlamaGen's VQ trainer; encode/decode stay IEEE
     # rFID: "" = digits for data.kind=digits, shards for data.kind=shards; inception (natural images); none = skip
     extractor: str = ""
     extractor_weights: str = ""  # "" = the default digits CNN; shards: experiments.train_extractor --shards

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning_modules.callbacks.rfid import ReconstructionFID
     from lightning_modules.official.checkpoint_io import save_tokenizer
     from lightning_modules.tokenizer import VQTokenizerModule, reconstruction_grid
+    from lightning_modules.tf32 import cuda_tf32
 
     data, train = cfg["data"], cfg["train"]
     if train["num_threads"] > 0:  # on a shared CPU box 1 thread can beat 2 spin-waiting OpenMP threads
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         # deterministic nearest-upsample backward, so there it only warns
         deterministic=True if cpu else "warn", num_sanity_val_steps=0, **val)
     start = time.time()
-    trainer.fit(module, train_dl, val_dl)
+    with cuda_tf32(train["tf32"]):  # the training steps only: validation's encode/decode run IEEE regardless
+        trainer.fit(module, train_dl, val_dl)
     seconds = time.time() - start
 
     tokenizer = module.vq.eval().cpu()

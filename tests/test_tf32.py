@@ -5,12 +5,15 @@ oneDNN precision, and readable by Lightning inside (its CUDA accelerator and Thr
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
 from conftest import make_module
 from lightning_modules.tf32 import cuda_tf32, tf32_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +163,19 @@ def test_tokenizers_encode_and_decode_in_ieee_fp32_inside_any_tf32_scope(monkeyp
         back = tok.decode(codes)
         assert tf32_state() == (True, True)
     assert seen == [(False, False)] * 2 and back.shape == images.shape and back.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_train_tokenizer_steps_run_under_train_tf32(tmp_path, monkeypatch, tf32):
+    """``experiments.train_tokenizer``'s ``train.tf32`` (default on, as LlamaGen's VQ trainer) holds for its
+    training steps; its validation's encode / decode stay IEEE (tokenizers/base.py)."""
+    from experiments.train_tokenizer import main
+    from lightning_modules.tokenizer import VQTokenizerModule
+
+    steps, inner = [], VQTokenizerModule.training_step
+    monkeypatch.setattr(VQTokenizerModule, "training_step",
+                        lambda self, *a: steps.append(tf32_state()) or inner(self, *a))
+    sets = ["--set", "train.extractor=none", "--set", "tokenizer.vq.codebook_size=16"]
+    main(["--out", str(tmp_path / "vq"), "-c", os.path.join(REPO, "experiments/configs/tokenizer/digits_vq.yaml"), "--max-steps", "2",
+          "--batch-size", "8", *sets, *([] if tf32 else ["--set", "train.tf32=false"])])
+    assert steps == [(tf32, tf32)] * 2

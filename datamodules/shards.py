@@ -26,9 +26,10 @@ import hashlib
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+import threading
 from typing import Callable, Iterable, Iterator
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -90,8 +91,9 @@ def iter_tar_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
     """
     from webdataset.gopen import gopen  # pipe:/http(s)/s3 support for remote shards
 
-    # a tar is a whole number of 512-byte blocks; python's tarfile ends quietly at a truncated header
-    truncated = is_local(url) and os.path.isfile(url) and os.path.getsize(url) % 512 != 0
+    # a tar is a whole number of 512-byte blocks ending in a zero block; python's tarfile ends quietly at a
+    # truncated header, and at end of file where the end-of-archive block should be (a copy cut at a block edge)
+    size = os.path.getsize(url) if is_local(url) and os.path.isfile(url) else None
     try:
         stream = gopen(url, "rb")
     except FileNotFoundError:
@@ -116,8 +118,10 @@ def iter_tar_samples(url: str, on_error: Callable[[str], None]) -> Iterator[dict
             tar.members = []  # streaming: do not keep every TarInfo of a 1 GB shard
         if current is not None:
             yield current
-        if truncated:
+        if size is not None and size % BLOCK:
             on_error(f"{url}: truncated tar (size not a multiple of 512)")
+        elif size is not None and size < tar.offset + BLOCK:
+            on_error(f"{url}: truncated tar (no end-of-archive block after byte {tar.offset})")
     except (tarfile.TarError, OSError, EOFError, ValueError) as exn:
         on_error(f"{url}: unreadable tar after key {current and current['__key__']!r} ({exn})")
     finally:
@@ -166,6 +170,7 @@ def sample_key(rel: str) -> str:
     """Tar-safe unique key: ImageNet names already start with the synset (n01440764_10026.JPEG); a flat folder's
     files (ILSVRC2012_val_00000001.JPEG) are unique by name."""
     cls, _, name = rel.rpartition("/")
+    cls = cls.replace(".", "_")  # a dot splits a tar key from its extension: class folder st.bernard -> st_bernard
     stem = os.path.splitext(name)[0].replace(".", "_")
     return stem if not cls or stem.startswith(cls) else f"{cls}_{stem}"
 
@@ -201,8 +206,10 @@ def image_bytes(path: str) -> bytes:
         return data
     from PIL import Image
 
+    from datamodules.transforms import to_8bit
+
     with Image.open(io.BytesIO(data)) as pil:
-        pil = pil.convert("L" if pil.mode in ("L", "I;16", "1") else "RGB")
+        pil = to_8bit(pil)
     out = io.BytesIO()
     pil.save(out, format="JPEG", quality=95)
     return out.getvalue()
@@ -250,6 +257,33 @@ def write_shard_range(src: str, out: str, split: str, first: int, shards: list[l
     return results
 
 
+def _in_processes(fn, jobs: list[tuple]) -> list:
+    """``[fn(*job) for job in jobs]``, one process per job. A SIGTERM, Ctrl-C or error in the caller terminates
+    every worker (multiprocessing's Pool, not ProcessPoolExecutor, whose running workers outlive a killed writer
+    and race its re-run); SIGTERM exits 143 as elsewhere in roar."""
+    import multiprocessing
+
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
+    pool = multiprocessing.get_context("fork").Pool(len(jobs), initializer=signal.signal,
+                                                    initargs=(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        pending = [pool.apply_async(fn, job) for job in jobs]
+        results = [p.get() for p in pending]
+        pool.close()
+        return results
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _read_class_map(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -293,10 +327,8 @@ def write_image_folder_shards(src: str, out: str, split: str = "train", max_coun
     if workers == 1:
         results = write_shard_range(src, out, split, 0, plan)
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(write_shard_range, src, out, split, bounds[k], plan[bounds[k]:bounds[k + 1]])
-                       for k in range(workers)]
-            results = [r for fut in futures for r in fut.result()]
+        jobs = [(src, out, split, bounds[k], plan[bounds[k]:bounds[k + 1]]) for k in range(workers)]
+        results = [r for part in _in_processes(write_shard_range, jobs) for r in part]
     manifest = {
         "split": split, "num_samples": sum(r["count"] for r in results),
         "shards": {r["name"]: r["count"] for r in results}, "num_classes": len(classes),

@@ -31,8 +31,22 @@ def resize_square(pil: Image.Image, size: int) -> Image.Image:
     return pil.resize((size, size), resample=Image.BICUBIC)
 
 
+def to_8bit(pil: Image.Image) -> Image.Image:
+    """An 8-bit L or RGB copy. 16-bit grey (PNG / TIFF: modes I;16*, and I as older Pillows read them) is rescaled
+    to 0..255: PIL's own convert("L") clips it, which turns most of a 16-bit photo white."""
+    if pil.mode.startswith("I;16") or pil.mode == "I":
+        wide = np.asarray(pil).astype(np.float64).clip(0, 65535)
+        return Image.fromarray(np.rint(wide / 257.0).astype(np.uint8), mode="L")
+    if pil.mode == "F":  # 32-bit float: no agreed value range (0..1? 0..255? HDR?) to map from
+        raise ValueError("a 32-bit float image (PIL mode F) has no defined value range; save it as 8 or 16 bit")
+    return pil.convert("L" if pil.mode in ("L", "1") else "RGB")
+
+
 def to_rgb(pil: Image.Image) -> Image.Image:
-    """A decoded RGB copy: grey, palette, RGBA and CMYK (a few ImageNet JPEGs are CMYK) become 3 channels."""
+    """A decoded RGB copy: grey, palette, RGBA and CMYK (a few ImageNet JPEGs are CMYK) become 3 channels; 16-bit
+    grey is rescaled first (``to_8bit``)."""
+    if pil.mode.startswith("I") or pil.mode == "F":
+        pil = to_8bit(pil)
     return pil.convert("RGB")  # convert() always loads and copies, even from RGB
 
 

@@ -31,7 +31,9 @@ def load_image(path: str, size: tuple[int, int]) -> torch.Tensor:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image: not found: {path}")
-    img = Image.open(path).convert("RGB").resize((size[1], size[0]), Image.BICUBIC)
+    from datamodules.transforms import to_rgb
+
+    img = to_rgb(Image.open(path)).resize((size[1], size[0]), Image.BICUBIC)
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].contiguous()
 
 

@@ -121,14 +121,18 @@ def png_folder(path: str) -> np.ndarray:
     files = sorted(glob.glob(os.path.join(path, "*.png")))
     if not files:
         raise FileNotFoundError(f"{path}: no .png files in this folder")
-    return np.stack([np.array(Image.open(p).convert("RGB")) for p in files])
+    from datamodules.transforms import to_rgb
+
+    return np.stack([np.array(to_rgb(Image.open(p))) for p in files])
 
 
 def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     """ADM's preprocessing: box-halve while >= 2x, bicubic resize of the short side, centre crop -> uint8 HWC."""
     from PIL import Image
 
-    img = pil_image.convert("RGB")
+    from datamodules.transforms import to_rgb
+
+    img = to_rgb(pil_image)
     while min(img.size) >= 2 * image_size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     scale = image_size / min(img.size)

@@ -59,6 +59,12 @@ def build_datamodule(cfg: DictConfig, micro_batch: int):
         # A codes-only tokenizer knows the real tokenizer only through `tokenizer.options.source`.
         expected = tok.source or None if cfg.tokenizer.kind == "codes" else tok.fingerprint
         dm = CodeShardDataModule(train, val, **common, expected_fingerprint=expected)
+        made_at = dm.manifest.get("image_size")  # the samples decode at the codes' size, whatever the key says
+        if made_at is not None and int(made_at) != d.image_size:
+            from experiments.config import ConfigError
+
+            raise ConfigError("data.image_size", f"{d.image_size} contradicts the codes, made at {made_at} px "
+                                                 f"({dm.manifest_path}): set data.image_size={made_at}")
         return dm, dm.grid
     from datamodules.images import ImageShardDataModule
     from tokenizers.registry import build_tokenizer

@@ -103,3 +103,10 @@ def test_reads_what_pretokenize_writes(tmp_path):
     got = {k: int(lab) for b in dm.val_dataloader() for k, lab in zip(b["_key"], b["label"])}
     assert len(got) == len(labels) and all(labels[int(k.split("_")[1])] == v for k, v in got.items())
     assert dm.grid == (8, 8) and dm.skipped_total() == 0
+    # a run over these codes at another data.image_size is refused in one line (its samples decode at 8 px)
+    train = subprocess.run([sys.executable, "-m", "experiments.train", "-c", "experiments/configs/demo/raster.yaml",
+                            "data.kind=codes", f"data.code_dir={out}", "data.image_size=16", "trainer.max_steps=1",
+                            f"out_dir={tmp_path / 'runs'}"], cwd=root, capture_output=True, text=True)
+    assert train.returncode == 2 and train.stderr.strip().splitlines() == [
+        f"error: config data.image_size: 16 contradicts the codes, made at 8 px ({out / 'manifest.json'}): set "
+        f"data.image_size=8"]

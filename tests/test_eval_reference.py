@@ -111,8 +111,37 @@ def test_shard_reference_is_computed_once_and_cached(tmp_path, ext, images, monk
     monkeypatch.undo()
     shard_reference(str(tmp_path / "digits-*.tar"), ext, image_size=8, count=0, cache_dir=cache)  # other key
     assert len(os.listdir(cache)) == 2
-    with pytest.raises(FileNotFoundError, match="eval.reference: no shard files"):
+    with pytest.raises(FileNotFoundError, match="eval.reference: shard not found: .*missing-0.tar"):
         resolve_reference(str(tmp_path / "missing-{0..1}.tar"), ext, cache_dir=cache)
+
+
+def test_shard_reference_skips_and_counts_a_corrupt_sample_and_takes_brace_alternatives(tmp_path, ext, images,
+                                                                                       capsys):
+    """A truncated image in the reference shards is skipped and counted (it used to end experiments.evaluate and
+    the FID callback with a traceback); '{a,b}' lists shards as the DataModules read them."""
+    import webdataset as wds
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(images[0]).save(buf, format="PNG")
+    with wds.TarWriter(str(tmp_path / "ref-000000.tar")) as sink:
+        for i, img in enumerate(images[:6]):
+            data = buf.getvalue()[:40] if i == 2 else _png(img)
+            sink.write({"__key__": f"{i:06d}", "png": data, "cls": b"0"})
+    _write_shards(str(tmp_path), images[6:36], per_shard=10)
+    pattern = str(tmp_path / "ref-000000.tar") + "," + str(tmp_path / "digits-{000000,000002}.tar")
+    ref = resolve_reference(pattern, ext, image_size=8, count=0, cache_dir=None)
+    want, _ = extract_stats(ext, [np.concatenate([images[[0, 1, 3, 4, 5]], images[6:16], images[26:36]])])
+    assert ref.num_samples == 25 and "reference: skipped 1 corrupt sample(s)" in capsys.readouterr().err
+    np.testing.assert_allclose(ref.mu, want["mu"], rtol=1e-6)
+
+
+def _png(img) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_digits_reference_splits(ext):

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import sys
 import zipfile
 from typing import Callable, Iterable, Iterator
 
@@ -272,41 +273,54 @@ def digits_reference(extractor, split: str = "train", batch_size: int = 256, sho
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """'a-{000..009}.tar', globs and comma-separated lists -> existing shard paths (sorted within a glob)."""
-    from webdataset.shardlists import expand_urls
+    """'a-{000..009}.tar', 'a-{000,003}.tar', globs and comma-separated lists -> existing shard paths (sorted within a
+    glob). Commas inside braces are brace alternatives, not list separators."""
+    from datamodules.wds_utils import check_shards_exist, expand_shards as expand
 
-    urls: list[str] = []
-    for part in [p for p in pattern.split(",") if p]:
-        for url in expand_urls(part):
-            urls.extend(sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url])
-    missing = [u for u in urls if not os.path.isfile(u)]
-    if not urls or missing:
-        why = f" (missing: {missing[0]})" if missing else ""
-        raise FileNotFoundError(f"eval.reference: no shard files for {pattern!r}{why}")
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(pattern + ","):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+    try:
+        urls = [u for part in parts if part for u in expand(part, "eval.reference")]
+        check_shards_exist(urls, "eval.reference")
+    except ValueError as err:  # braceexpand: "Unbalanced braces"
+        raise FileNotFoundError(f"eval.reference: no shard files for {pattern!r} ({err})") from None
     return urls
 
 
 def _shard_images(urls: list[str], image_size: int, count: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Images of the shards in file order (no shuffle: the reference must not depend on a seed)."""
-    import webdataset as wds
+    """Images of the shards in file order (no shuffle: the reference must not depend on a seed); every rank reads
+    them all. A corrupt sample or tar is skipped and counted (one line at the end), as everywhere else."""
     from PIL import Image
 
-    # identity node splitter: every rank reads the whole reference (WebDataset refuses WORLD_SIZE>1 without one)
-    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u, empty_check=False)
-    buf, seen = [], 0
-    for sample in ds:
-        data = next((sample[k] for k in ("png", "jpg", "jpeg") if k in sample), None)
-        if data is None:
-            raise ValueError(f"shard sample {sample.get('__key__')!r} ({sample.get('__url__')}): no png/jpg entry")
-        buf.append(center_crop_arr(Image.open(io.BytesIO(data)), image_size))
-        seen += 1
-        if len(buf) == batch_size or seen == count:
-            yield np.stack(buf)
-            buf = []
+    from datamodules.shards import iter_tar_samples
+
+    buf, seen, skipped = [], 0, []
+    for url in urls:
+        for sample in iter_tar_samples(url, skipped.append):
+            data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+            try:
+                if data is None:
+                    raise ValueError("no png/jpg entry")
+                buf.append(center_crop_arr(Image.open(io.BytesIO(data)), image_size))
+            except Exception as exn:  # noqa: BLE001 - a broken sample is skipped and counted, not fatal
+                skipped.append(f"{url}:{sample.get('__key__')}: {type(exn).__name__}: {str(exn)[:80]}")
+                continue
+            seen += 1
+            if len(buf) == batch_size or seen == count:
+                yield np.stack(buf)
+                buf = []
+            if seen == count:
+                break
         if seen == count:
-            return
+            break
     if buf:
         yield np.stack(buf)
+    if skipped:
+        print(f"reference: skipped {len(skipped)} corrupt sample(s), e.g. {skipped[0]}", file=sys.stderr)
 
 
 def shard_reference(pattern: str, extractor, image_size: int, count: int = 0, cache_dir: str | None = None,

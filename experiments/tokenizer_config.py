@@ -89,12 +89,15 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.tokenizer.preset in PRESETS, "tokenizer.preset",
            f"{cfg.tokenizer.preset!r} is not one of {sorted(PRESETS)}")
     try:
-        preset_config(cfg.tokenizer.preset, **OmegaConf.to_container(cfg.tokenizer.vq))
+        vq = preset_config(cfg.tokenizer.preset, **OmegaConf.to_container(cfg.tokenizer.vq))
     except ValueError as err:  # "tokenizer.<key>: not a LlamaGen VQ option (...)"
         key, _, message = str(err).partition(": ")
         raise ConfigError(key.replace("tokenizer.", "tokenizer.vq.", 1), message) from None
     _check(d.kind in DATA_KINDS, "data.kind", f"{d.kind!r} is not one of {list(DATA_KINDS)}")
     _check(d.image_size >= 8, "data.image_size", f"{d.image_size} must be >= 8")
+    down = 2 ** (len(vq["encoder_ch_mult"]) - 1)  # the VQ's downsampling (tokenizers/vq.py: one halving per level)
+    _check(d.image_size % down == 0, "data.image_size", f"{d.image_size} is not divisible by the VQ's downsampling "
+                                                        f"{down} (tokenizer.vq.encoder_ch_mult)")
     _check(d.batch_size >= 1, "data.batch_size", f"{d.batch_size} must be >= 1")
     _check(d.upsample in UPSAMPLE, "data.upsample", f"expected one of {', '.join(UPSAMPLE)}, got {d.upsample!r}")
     _check(d.center_crop in ("adm", "none"), "data.center_crop", f"{d.center_crop!r} is not one of ['adm', 'none']")

@@ -178,3 +178,19 @@ def test_train_tokenizer_script_is_bit_reproducible_with_two_threads(tmp_path):
         weights.append(load_file(str(tmp_path / run / "tokenizer.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_image_size_the_vq_cannot_divide_is_one_config_line(tmp_path, capsys):
+    """data.image_size must be a multiple of the VQ's downsampling (it used to end in a shape traceback after the
+    data was loaded)."""
+    from experiments.train_tokenizer import cli
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--out", str(tmp_path / "vq"), "-c", os.path.join(repo, "experiments/configs/tokenizer/small_vq.yaml"),
+            "--set", "train.extractor=none"]
+    assert cli([*argv, "--set", "data.image_size=60"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: config data.image_size: 60 is not divisible by the VQ's "
+                                               "downsampling 8 (tokenizer.vq.encoder_ch_mult)")
+    assert cli([*argv, "--set", "data.image_size=36", "--set", "tokenizer.vq.encoder_ch_mult=[1,1,2]",
+                "--set", "tokenizer.vq.decoder_ch_mult=[1,1,2]"]) == 2
+    assert "data.train_shards" in capsys.readouterr().err  # 36 / 4: the size passes, the next check speaks

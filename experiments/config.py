@@ -97,7 +97,7 @@ class TrainerConfig:
 class CallbacksConfig:
     ema_decay: float = 0.0  # 0 = no EMA
     sample_every_steps: int = 250  # 0 = off
-    sample_classes: list = field(default_factory=list)  # [] = every class
+    sample_classes: list[int] = field(default_factory=list)  # [] = every class
     sample_per_class: int = 4
     sample_seed: int = 0
     order_map_every_steps: int = 0

@@ -74,6 +74,7 @@ MALFORMED = [
     ("data.num_workers=1.5", "data.num_workers"), ("sample.top_k=0.5", "sample.top_k"),
     ("model.grad_checkpointing=maybe", "model.grad_checkpointing"), ("trainer.global_batch_size=[1]", "trainer.global_batch_size"),
     ("sample.temperature=hot", "sample.temperature"), ("model.dim=big", "model.dim"),
+    ("callbacks.sample_classes=[1,x]", "callbacks.sample_classes"),
     # bad values
     ("model.variant=spiral", "model.variant"), ("model.flavour=gpt2", "model.flavour"), ("model.size=huge", "model.size"),
     ("model.class_dropout=1.5", "model.class_dropout"), ("model.class_dropout=-0.1", "model.class_dropout"),

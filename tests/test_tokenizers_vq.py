@@ -150,3 +150,8 @@ def test_presets_and_options_are_checked():
         LlamaGenVQ.from_preset("tiny", ch=16)
     with pytest.raises(ValueError, match="unknown tokenizer 'vqq'"):
         build_tokenizer("vqq")
+    with pytest.raises(ValueError, match=r"^tokenizer.options.foo: not an option of the pixel tokenizer \(it takes "
+                                         r"levels\)$"):  # was a TypeError from the constructor
+        build_tokenizer("pixel", foo=1)
+    with pytest.raises(ValueError, match=r"^tokenizer.options.bar: .* codes tokenizer \(it takes vocab_size, "):
+        build_tokenizer("codes", vocab_size=4, bar=1)

@@ -139,11 +139,15 @@ def list_image_folder(src: str) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(d.name for d in os.scandir(src) if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"--src: no class folders in {src} (a flat folder, e.g. ImageNet val, needs --labels)")
-    files = []
+    files, nested = [], []
     for idx, cls in enumerate(classes):
-        names = sorted(e.name for e in os.scandir(os.path.join(src, cls))
-                       if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
+        entries = list(os.scandir(os.path.join(src, cls)))
+        names = sorted(e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTS)
         files += [(f"{cls}/{name}", idx) for name in names]
+        nested += sorted(f"{cls}/{e.name}" for e in entries if e.is_dir() and not e.name.startswith("."))
+    if nested:  # ImageFolder reads one level: say so rather than drop a subfolder's photos without a word
+        print(f"shards: warning: {len(nested)} subfolder(s) inside class folders are not read, e.g. {nested[0]}",
+              file=sys.stderr)
     if not files:
         raise ValueError(f"--src: no image files ({', '.join(sorted(IMAGE_EXTS))}) under {src}")
     return classes, files

@@ -114,3 +114,12 @@ def test_a_killed_writer_takes_its_worker_processes_with_it(tmp_path):
         else:
             os.kill(pid, signal.SIGKILL)
             raise AssertionError(f"worker {pid} outlived the killed writer")
+
+
+def test_a_subfolder_inside_a_class_folder_is_named_not_dropped_silently(tmp_path, capsys):
+    for sub in ("", "more"):
+        os.makedirs(tmp_path / "src" / "tabby" / sub, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "src" / "tabby" / sub / "0.png")
+    m = write_image_folder_shards(str(tmp_path / "src"), str(tmp_path / "out"))
+    assert m["num_samples"] == 1
+    assert "warning: 1 subfolder(s) inside class folders are not read, e.g. tabby/more" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 
 from lightning_modules.backbones import build_backbone, resolve_size
 from lightning_modules.hparams import (SAMPLE_DEFAULTED, ModelConfig, OptimConfig, SampleConfig, normalize_model,
@@ -85,6 +86,13 @@ class ARModule(L.LightningModule):
         self.compile, self.cpu_adam, self.fused_adam = compile, cpu_adam, fused_adam
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self._step_nonfinite = False  # a micro-batch of the current optimizer step had a non-finite loss
+        # val/nll and its order quarters as sample-weighted means that torchmetrics sums across ranks (float sum
+        # and count): exact for any split of the val set. Lightning's sync_dist mean averages an integer count
+        # per rank (359 samples on 2 ranks -> 179), off by up to 1/count. States are not in the state_dict.
+        # nan_strategy=nan: a NaN loss makes the mean NaN, as before ("disable" drops the weights: torchmetrics 1.9)
+        self.val_nll = torch.nn.ModuleDict({k: MeanMetric(nan_strategy=float("nan"))
+                                            for k in ["all", *(f"q{q + 1}" for q in range(ORDER_QUARTERS))]})
         self.last_val_step = -1
         self._grad_norm_step = 0  # DeepSpeed: the engine step whose grad norm was last logged
         self._compiled = None  # [torch.compile(backbone)] when compile; a list keeps it out of state_dict
@@ -102,9 +110,11 @@ class ARModule(L.LightningModule):
     def num_positions(self) -> int:
         return self.grid[0] * self.grid[1]
 
-    def generator(self, step: int, salt: int = 0) -> torch.Generator:
-        """Seeded from (seed, rank, step, salt): every random order is reproducible and differs across ranks."""
-        return make_generator(derive_seed(self.hparams.seed, self.global_rank, step, salt), self.device)
+    def generator(self, step: int, micro: int = 0) -> torch.Generator:
+        """Seeded from (seed, rank, step, micro): every random order is reproducible and differs across ranks and
+        across the micro-batches of one accumulated step (``micro``: the index within it; 0 without accumulation,
+        which is the seed runs have always had)."""
+        return make_generator(derive_seed(self.hparams.seed, self.global_rank, step, micro), self.device)
 
     def codes_from_batch(self, batch: dict) -> torch.Tensor:
         """Batch contract: {"codes": long [B,h,w]} or {"image": uint8 [B,3,H,W]}, plus "label" -> codes [B, N]."""
@@ -147,7 +157,15 @@ class ARModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         step = self.global_step
-        g = self.generator(step)
+        # the micro-batch's place in its accumulation window, as Lightning counts it (its zero_grad runs at 0);
+        # checkpoints are taken at step boundaries, so a resumed run counts the same
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        if micro == 0:
+            self._step_nonfinite = False
+        if self._step_nonfinite:  # the step is skipped as a whole; every rank knows (the flag below is reduced)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_total))
+            return None
+        g = self.generator(step, micro)
         codes = self.codes_from_batch(batch)
         # dropout from a generator seeded by (step, micro-batch): a resumed run draws the masks an uninterrupted
         # one would (Lightning does not checkpoint the global RNG; lightning_modules/resumable.py)
@@ -158,7 +176,6 @@ class ARModule(L.LightningModule):
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if finite.item() < 1:
             return self.skip_nonfinite(step)
-        self.nonfinite_streak = 0
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))  # every step: a running total in TB
         self.log("train/loss", loss, prog_bar=True, sync_dist=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -167,6 +184,8 @@ class ARModule(L.LightningModule):
         return loss
 
     def skip_nonfinite(self, step: int):
+        """Once per optimizer step: its first non-finite micro-batch marks the whole step skipped."""
+        self._step_nonfinite = True
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         self.log("train/nonfinite_skipped", float(self.nonfinite_total))
@@ -175,9 +194,15 @@ class ARModule(L.LightningModule):
             raise NonFiniteLossError(f"train: {self.nonfinite_streak} non-finite losses in a row (last at step "
                                      f"{step}) reached optim.max_nonfinite_in_a_row={limit}; stopping: lower optim.lr "
                                      f"or check the data")
-        return None  # Lightning skips backward and the optimizer step
+        return None  # Lightning skips this backward; the step's other gradients go in on_before_optimizer_step
 
     def on_before_optimizer_step(self, optimizer):
+        if self._step_nonfinite:
+            # drop the gradients the step's finite micro-batches accumulated: AdamW then skips every parameter
+            # (no gradient), so weights and moments stay bit-identical, as without accumulation (where none exist)
+            optimizer.zero_grad(set_to_none=True)
+            return
+        self.nonfinite_streak = 0  # a whole step trained: the streak counts skipped steps in a row
         # train/grad_norm: the global 2-norm of the (rank-averaged, unclipped) gradient, under every strategy
         if self._deepspeed_engine() is not None:
             return  # ZeRO partitions the gradients (p.grad is None): the engine's norm is logged after its step
@@ -209,11 +234,14 @@ class ARModule(L.LightningModule):
         logits, targets = self.logits_on(codes, batch["label"], self.hparams.max_steps, g)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         B = codes.shape[0]
-        self.log("val/nll", loss / math.log(2), prog_bar=True, sync_dist=True, batch_size=B)
+        self.val_nll["all"].update(loss / math.log(2), B)
+        self.log("val/nll", self.val_nll["all"], prog_bar=True)  # computed (and synced) at the epoch's end
         # NLL by position in the generation order: quarter q of the tokens decoded (q1 = the first, least context)
         per_token = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
         for q, part in enumerate(per_token.tensor_split(ORDER_QUARTERS, dim=1)):
-            self.log(f"val/nll_by_order_q{q + 1}", part.mean() / math.log(2), sync_dist=True, batch_size=B)
+            metric = self.val_nll[f"q{q + 1}"]
+            metric.update(part.mean() / math.log(2), B)
+            self.log(f"val/nll_by_order_q{q + 1}", metric)
         return loss
 
     def on_validation_epoch_end(self):

@@ -8,7 +8,9 @@ int32 array [n_aug, h, w]: one code grid per augmentation variant, e.g. ten-crop
 Training picks ONE variant per sample, uniformly, from a generator seeded by (seed, rank, worker, epoch), so a
 sample is seen once per epoch under a fresh augmentation and the same seed replays it. Validation takes
 variant 0 (the plain centre crop by the pretokenizer's convention). Codes made by another tokenizer are refused
-up front: pass the trainer's tokenizer fingerprint as ``expected_fingerprint``.
+up front: pass the trainer's tokenizer fingerprint as ``expected_fingerprint``. So are shards their folder's
+manifest does not list (a rerun of pretokenize into the folder can leave an earlier run's beside it), and train
+and val codes whose manifests record different class maps (val labels would name other classes).
 """
 from __future__ import annotations
 
@@ -32,14 +34,29 @@ def load_code_manifest(first_shard: str, what: str) -> tuple[str, dict]:
     try:
         with open(path) as f:
             manifest = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: code-shard manifest not found: {path}") from None
+    except FileNotFoundError:  # pretokenize removes it when it starts and writes it when it completes
+        raise FileNotFoundError(f"{what}: code-shard manifest not found: {path} (pretokenize writes it when it "
+                                f"completes: was it stopped? run it again)") from None
     except ValueError as exn:
         raise ValueError(f"{path}: not valid JSON ({exn})") from None
     for key in ("tokenizer", "grid"):
         if key not in manifest:
             raise ValueError(f"{path}: code-shard manifest has no {key!r} entry")
     return path, manifest
+
+
+def check_listed(urls: list[str], what: str) -> None:
+    """Every shard is one its folder's manifest.json lists: the manifest's fingerprint and counts say nothing about
+    the others (an earlier pretokenize run's, e.g. codes-r1-*.tar of a 2-rank run before a 1-rank one)."""
+    manifests: dict[str, tuple[str, dict]] = {}
+    for url in urls:
+        folder, name = os.path.split(url)
+        if folder not in manifests:
+            manifests[folder] = load_code_manifest(url, what)
+        path, manifest = manifests[folder]
+        if isinstance(manifest.get("shards"), dict) and name not in manifest["shards"]:
+            raise ValueError(f"{what}: {url} is not in {path} (left by an earlier pretokenize run?); give the "
+                             f"manifest's shards (data.code_dir reads exactly those)")
 
 
 class CodeDecoder:
@@ -92,6 +109,13 @@ class CodeShardDataModule(ShardDataModule):
             if list(manifest["grid"]) != list(self.manifest["grid"]):
                 raise ValueError(f"{path}: grid {manifest['grid']} differs from the train shards' "
                                  f"{self.manifest['grid']} ({self.manifest_path})")
+            if manifest.get("classes") and self.manifest.get("classes") and \
+                    manifest["classes"] != self.manifest["classes"]:
+                raise ValueError(f"{path}: its classes ({len(manifest['classes'])}, from the val image shards' "
+                                 f"classes.json) differ from those of the train codes ({self.manifest_path}: "
+                                 f"{len(self.manifest['classes'])}), so val labels would name other classes")
+        check_listed(self.train_urls, "data.train_shards")
+        check_listed(self.val_urls, "data.val_shards")
         self.tokenizer_info = self.manifest["tokenizer"]
         self.grid = tuple(int(g) for g in self.manifest["grid"])
         self.vocab_size = self.tokenizer_info.get("vocab_size")

@@ -21,17 +21,36 @@ CODE_SHARDS = "codes-*.tar"
 def code_split_dirs(code_dir: str) -> tuple[str, str | None]:
     """(folder of the train codes, folder of the val codes or None) of a data.code_dir."""
     train = os.path.join(code_dir, "train")
-    train = train if os.path.isfile(os.path.join(train, "manifest.json")) else code_dir
+    if not os.path.isfile(os.path.join(train, "manifest.json")):
+        # DIR/train/ of a pretokenize --val-shards run that has not completed (no manifest yet) stays the train
+        # folder, so the code DataModule names its missing manifest rather than finding no DIR/codes-*.tar
+        flat = os.path.isfile(os.path.join(code_dir, "manifest.json")) or not os.path.isdir(train)
+        train = code_dir if flat else train
     val = os.path.join(code_dir, "val")
     return train, val if os.path.isfile(os.path.join(val, "manifest.json")) else None
 
 
-def code_shards(cfg: DictConfig) -> tuple[str, str | None]:
-    """(train shard pattern, val shard pattern or None) for data.kind=codes; data.*_shards win over data.code_dir."""
+def manifest_shards(folder: str) -> list[str] | str:
+    """The shards of a pretokenize folder: exactly those its manifest.json lists, as a rerun into the folder can
+    leave other codes-*.tar beside them. Without a readable manifest, the folder's codes-*.tar: the code
+    DataModule then refuses them, naming the manifest (a run that was killed, or has not finished)."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            shards = json.load(f).get("shards")
+    except (OSError, ValueError, AttributeError):
+        shards = None
+    if not isinstance(shards, dict) or not shards:
+        return os.path.join(folder, CODE_SHARDS)
+    return [os.path.join(folder, name) for name in shards]
+
+
+def code_shards(cfg: DictConfig) -> tuple[list[str] | str, list[str] | str | None]:
+    """(train shards, val shards or None) for data.kind=codes: lists of the folders' manifests (any form
+    datamodules.wds_utils.expand_shards takes); data.*_shards win over data.code_dir."""
     d = cfg.data
     train_dir, val_dir = code_split_dirs(d.code_dir) if d.code_dir else ("", None)
-    train = d.train_shards or os.path.join(train_dir, CODE_SHARDS)
-    val = d.val_shards or (os.path.join(val_dir, CODE_SHARDS) if val_dir else None)
+    train = d.train_shards or manifest_shards(train_dir)
+    val = d.val_shards or (manifest_shards(val_dir) if val_dir else None)
     return train, val
 
 

@@ -18,16 +18,20 @@ With --val-shards the train codes go to OUTDIR/train/ and the val codes to OUTDI
 plain ADM centre crop, which is what validation reads); the manifest also records the image shards' classes.json.
 Distributed (torchrun / srun set RANK and WORLD_SIZE, or --rank/--world-size): input shards are split round-robin by
 rank (--device cuda takes GPU LOCAL_RANK); each rank writes its shards and manifest.r{rank}.json; rank 0 waits
-(--merge-timeout) for all parts and merges them, or run ``--merge`` afterwards (once per split folder).
+(--merge-timeout) for all parts of this run and merges them, or run ``--merge`` afterwards (once per split folder).
+A rerun into an --out removes manifest.json before it writes codes and writes it when it completes (train/ last);
+rank 0 merges only parts of its run (TORCHELASTIC_RUN_ID or SLURM job.step) with its settings and input shards.
 Corrupt samples (undecodable image, bad cls, unreadable tar member) are skipped and counted.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -35,19 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datamodules.transforms import adm_center_crop, to_rgb  # the image DataModule's ADM crop: the same pixels
+
 IMAGE_KEYS = ("png", "jpg", "jpeg")
-
-
-def adm_center_crop(pil_image: Image.Image, size: int) -> Image.Image:
-    """guided-diffusion center_crop_arr: halve with BOX while the short side >= 2*size, BICUBIC-resize the
-    short side to ``size``, then take the central size x size crop (offsets rounded down)."""
-    while min(*pil_image.size) >= 2 * size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return Image.fromarray(arr[top:top + size, left:left + size])
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> uint8 [3, H, W]
@@ -56,7 +50,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:  # PIL RGB -> uint8 [3, H, W]
 
 def image_variants(img: Image.Image, size: int, ten_crop: bool = False, crop_range: float = 1.1) -> torch.Tensor:
     """uint8 [n_aug, 3, size, size]: adm_flip (2 variants) or ten_crop (10, torchvision TenCrop order)."""
-    img = img.convert("RGB")
+    img = to_rgb(img)  # 16-bit grey rescaled, as the image DataModule and the shard writer read it
     if not ten_crop:
         crop = adm_center_crop(img, size)
         return torch.stack([to_tensor(crop), to_tensor(crop.transpose(Image.FLIP_LEFT_RIGHT))])
@@ -136,13 +130,18 @@ def shard_pattern(rank: int, world: int) -> str:
     return "codes-%06d.tar" if world == 1 else f"codes-r{rank}-%06d.tar"
 
 
-def shard_classes(shards: list[str]) -> dict | None:
-    """The classes.json (synset -> index) the shard writer put beside the image shards, when there is one."""
-    path = os.path.join(os.path.dirname(shards[0]), "classes.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+def shard_classes(shards: list[str]) -> tuple[str, dict | None]:
+    """(path, map) of the classes.json (synset -> index) the shard writer put beside the image shards (None: none)."""
+    path = os.path.abspath(os.path.join(os.path.dirname(shards[0]), "classes.json"))
+    return path, json.load(open(path)) if os.path.isfile(path) else None
+
+
+def check_same_classes(train: list[str], val: list[str]) -> None:
+    """Val labels index the train class map: val shards written with another classes.json name other classes."""
+    (train_path, a), (val_path, b) = shard_classes(train), shard_classes(val)
+    if a is not None and b is not None and a != b:
+        raise ValueError(f"--val-shards: {val_path} ({len(b)} classes) differs from the --shards' {train_path} "
+                         f"({len(a)} classes): val labels would name other classes (datamodules.shards --classes)")
 
 
 def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: int, ten_crop: bool = False,
@@ -155,6 +154,9 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
     if not 0 <= rank < world_size:
         raise ValueError(f"--rank {rank} must be in [0, --world-size {world_size})")
     os.makedirs(out, exist_ok=True)
+    for old in ("manifest.json", f"manifest.r{rank}.json"):  # an earlier run's, not to be read with this run's codes
+        if os.path.isfile(os.path.join(out, old)):
+            os.remove(os.path.join(out, old))
     mine = shards[rank::world_size]
     tokenizer = tokenizer.to(device).eval()
     grid = list(tokenizer.grid(image_size, image_size))
@@ -197,11 +199,12 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
     finally:
         bar.close()
         writer.close()
-    for i in range(max(1, -(-written // maxcount)) + 1):  # a rank with no input (or a full last shard) opened an
-        path = os.path.join(out, pattern % i)              # empty tar that no manifest lists: not left behind
-        if pattern % i not in counts and os.path.isfile(path):
-            os.remove(path)
-    classes = shard_classes(shards)
+    # this rank's names this run did not fill: the empty tar ShardWriter opened last, an earlier run's higher ones
+    own = re.compile(re.escape(pattern.split("%")[0]) + r"\d{6,}\.tar")
+    for name in os.listdir(out):
+        if own.fullmatch(name) and name not in counts:
+            os.remove(os.path.join(out, name))
+    classes = shard_classes(shards)[1]
     policy = "adm_center" if plain else "ten_crop" if ten_crop else "adm_flip"
     part = {"num_samples": written, "shards": counts, "classes": classes,
             "num_classes": len(classes) if classes else None,
@@ -211,7 +214,9 @@ def pretokenize(shards: list[str], out: str, tokenizer, kind: str, image_size: i
             "num_variants": {"adm_center": 1, "ten_crop": 10, "adm_flip": 2}[policy], "skipped": skips.count,
             "skipped_examples": skips.examples, "image_size": image_size,
             "crop_range": crop_range if policy == "ten_crop" else 1.0,
-            "codes_dtype": np.dtype(dtype).name, "input_shards": mine, "rank": rank, "world_size": world_size}
+            "codes_dtype": np.dtype(dtype).name, "input_shards": mine, "rank": rank, "world_size": world_size,
+            "run_id": "/".join(filter(None, map(os.environ.get, RUN_ENV))),
+            "inputs_digest": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]}
     if world_size > 1:
         write_json(os.path.join(out, f"manifest.r{rank}.json"), part)
     return part
@@ -226,6 +231,7 @@ def write_json(path: str, obj: dict) -> None:
 
 SHARED_KEYS = ("tokenizer", "grid", "crop_policy", "num_variants", "image_size", "crop_range", "codes_dtype",
                "world_size", "classes", "num_classes")
+RUN_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID")  # shared by the ranks of one launch, not the next
 
 
 def merge_parts(parts: list[dict]) -> dict:
@@ -233,18 +239,15 @@ def merge_parts(parts: list[dict]) -> dict:
     if not parts:
         raise ValueError("pretokenize --merge: no manifest.r*.json parts found")
     first = parts[0]
-    for p in parts:  # parts written before the classes were recorded
-        p.setdefault("classes", None)
-        p.setdefault("num_classes", None)
     for p in parts[1:]:
-        for k in SHARED_KEYS:
-            if p[k] != first[k]:
-                raise ValueError(f"pretokenize --merge: rank {p['rank']} has {k}={p[k]!r}, rank "
-                                 f"{first['rank']} has {first[k]!r}")
+        for k in SHARED_KEYS:  # .get: parts written before the classes were recorded
+            if p.get(k) != first.get(k):
+                raise ValueError(f"pretokenize --merge: rank {p['rank']} has {k}={p.get(k)!r}, rank "
+                                 f"{first['rank']} has {first.get(k)!r}")
     ranks = sorted(p["rank"] for p in parts)
     if ranks != list(range(first["world_size"])):
         raise ValueError(f"pretokenize --merge: have parts for ranks {ranks}, expected 0..{first['world_size'] - 1}")
-    merged = {k: first[k] for k in SHARED_KEYS}
+    merged = {k: first.get(k) for k in SHARED_KEYS}
     merged["shards"] = {k: v for p in sorted(parts, key=lambda p: p["rank"]) for k, v in p["shards"].items()}
     merged["num_samples"] = sum(p["num_samples"] for p in parts)
     merged["skipped"] = sum(p["skipped"] for p in parts)
@@ -253,23 +256,49 @@ def merge_parts(parts: list[dict]) -> dict:
     return merged
 
 
-def merge_dir(out: str, world_size: int | None = None, timeout: float = 0.0) -> dict | None:
-    """Merge OUTDIR/manifest.r*.json into manifest.json once all ``world_size`` parts exist (waits ``timeout`` s)."""
+def write_manifest(out: str, merged: dict) -> dict:
+    """OUT/manifest.json, and a warning about codes tars beside it that it does not list (an earlier run's)."""
+    write_json(os.path.join(out, "manifest.json"), merged)
+    stale = sorted(n for n in os.listdir(out) if re.fullmatch(r"codes-.+\.tar", n) and n not in merged["shards"])
+    if stale:
+        print(f"pretokenize: warning: {len(stale)} stale code shard(s) in {out} not in its manifest.json (left by an "
+              f"earlier run; training reads only the manifest's), e.g. {stale[0]}", file=sys.stderr)
+    return merged
+
+
+def read_part(out: str, rank: int) -> dict | None:
+    path = os.path.join(out, f"manifest.r{rank}.json")
+    return json.load(open(path)) if os.path.isfile(path) else None  # written atomically: never half a part
+
+
+def part_problem(part: dict | None, ref: dict, keys: tuple) -> str | None:
+    """Why ``part`` is not of the run of ``ref`` (rank 0's part), or None (same inputs_digest: shards[rank::world])."""
+    if part is None:
+        return "missing"
+    bad = [k for k in keys if part.get(k) != ref.get(k)]
+    return f"stale ({bad[0]} {repr(part.get(bad[0]))[:50]}, this run's {repr(ref.get(bad[0]))[:50]})" if bad else None
+
+
+def merge_dir(out: str, world_size: int | None = None, timeout: float = 0.0, mine: dict | None = None) -> dict | None:
+    """Merge OUT/manifest.r{0..world-1}.json into manifest.json once each is this run's (waits ``timeout`` s).
+    ``mine``: rank 0's own part, in the run; another rank's earlier part stays until that rank starts, so run ids
+    must match too. ``--merge`` by hand: rank 0's part on disk is the reference, run ids may differ (a rank rerun)."""
     deadline = time.time() + timeout
+    keys = ("run_id",) * bool(mine) + ("inputs_digest",) + SHARED_KEYS
     while True:
-        paths = sorted(glob.glob(os.path.join(out, "manifest.r*.json")))
-        parts = [json.load(open(p)) for p in paths]
-        need = world_size or (parts[0]["world_size"] if parts else 1)
-        if len(parts) >= need or time.time() >= deadline:
+        ref = json.loads(json.dumps(mine)) if mine else read_part(out, 0) or {}  # JSON types, as on disk
+        world = world_size or ref.get("world_size") or 1
+        parts = {r: read_part(out, r) for r in range(world)}
+        problems = {r: why for r, p in parts.items() if (why := part_problem(p, ref, keys))}
+        if not problems or time.time() >= deadline:
             break
         time.sleep(2.0)
-    if len(parts) < need:
-        print(f"pretokenize: {len(parts)}/{need} manifest parts in {out}; run `python -m tokenizers.pretokenize "
-              f"--merge --out {out}` when all ranks are done", file=sys.stderr)
+    if problems:
+        said = ", ".join(f"manifest.r{r}.json {why}" for r, why in problems.items())
+        print(f"pretokenize: {world - len(problems)}/{world} manifest parts of this run in {out} ({said}); run "
+              f"`python -m tokenizers.pretokenize --merge --out {out}` when all ranks are done", file=sys.stderr)
         return None
-    merged = merge_parts(parts)
-    write_json(os.path.join(out, "manifest.json"), merged)
-    return merged
+    return write_manifest(out, merge_parts(list(parts.values())))
 
 
 def parse_option(item: str):
@@ -310,6 +339,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     env_rank, env_world = env_rank_world()
     rank = env_rank if args.rank is None else args.rank
     world = env_world if args.world_size is None else args.world_size
+    splits = [("train", args.shards, False)] + ([("val", args.val_shards, True)] if args.val_shards else [])
+    inputs = {name: expand_shards(pattern) for name, pattern, _ in splits}  # every input checked before any work
+    if args.val_shards:
+        check_same_classes(inputs["train"], inputs["val"])
 
     from tokenizers.registry import build_tokenizer
 
@@ -320,8 +353,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     device = args.device
     if device == "cuda" and world > 1:  # one GPU per rank (torchrun / srun on a multi-GPU node)
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    splits = [("train", args.shards, False)] + ([("val", args.val_shards, True)] if args.val_shards else [])
-    inputs = {name: expand_shards(pattern) for name, pattern, _ in splits}  # every pattern checked before any work
     results = {}
     for name, _, plain in splits:
         out = os.path.join(args.out, name) if args.val_shards else args.out
@@ -331,12 +362,11 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"shards, {part['skipped']} skipped", flush=True)
         results[name] = (out, part)
     merged = {}
-    for name, (out, part) in results.items():
+    for name, (out, part) in reversed(list(results.items())):  # train/ last: its manifest says the run completed
         if world == 1:
-            merged[name] = merge_parts([part])
-            write_json(os.path.join(out, "manifest.json"), merged[name])
+            merged[name] = write_manifest(out, merge_parts([part]))
         elif rank == 0:
-            merged[name] = merge_dir(out, world, timeout=args.merge_timeout)
+            merged[name] = merge_dir(out, world, timeout=args.merge_timeout, mine=part)
         else:
             merged[name] = part
     if rank == 0 and args.val_shards:

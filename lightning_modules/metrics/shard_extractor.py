@@ -148,6 +148,11 @@ def train_shard_extractor(shards: str, image_size: int, val_shards: str = "", se
                           max_images: int = 0, log=None) -> tuple[ShardCNN, dict]:
     """Train the shard CNN to classify ``shards`` (bit-identical for the same seed: one thread, deterministic ops)."""
     domain = shard_domain(shards)
+    if val_shards:  # before any work: val labels index the train class map, or the val accuracy means nothing
+        from datamodules.wds_utils import expand_shards
+        from tokenizers.pretokenize import check_same_classes
+
+        check_same_classes(expand_shards(shards, "--shards"), expand_shards(val_shards, "--val-shards"))
     x_tr, y_tr = shard_images(shards, image_size, max_images)
     val = shard_images(val_shards, image_size) if val_shards else None
     num_classes = len(domain["classes"]) if domain["classes"] else int(y_tr.max()) + 1

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from experiments.config import ConfigError, SampleConfig, config_hash, load_config
+from experiments.signals import ends_in_one_line
 from lightning_modules.metrics.extractors import DEFAULT_DIGITS_WEIGHTS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,6 +363,7 @@ def run_sweep(path: str, executor: str = "local", collect_only: bool = False, ov
     return write_outputs(sweep, arms, rows, log)
 
 
+@ends_in_one_line  # Ctrl-C / SIGTERM while an arm trains: one line, 130 / 143 (experiments/signals.py)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,14 +9,13 @@ import os
 import warnings
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from experiments.config import batch_layout, to_plain
 from lightning_modules.callbacks.ema import EMA
 from lightning_modules.callbacks.sample_grid import SampleGrid
-from lightning_modules.checkpointing import AtomicCheckpointIO
+from lightning_modules.checkpointing import AtomicCheckpointIO, FinalCheckpoint
 from lightning_modules.variants import build_module
 
 
@@ -124,8 +123,9 @@ def extra_callbacks() -> list:
 def build_callbacks(cfg: DictConfig, run_dir: str) -> list:
     c = cfg.callbacks
     # no version counter: a last.ckpt that a signal or requeue saved (experiments/signals.py, SlurmRequeue) is
-    # overwritten by the resumed run's, not left stale beside a last-v1.ckpt that resume=auto would never pick
-    callbacks = [ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
+    # overwritten by the resumed run's, not left stale beside a last-v1.ckpt that resume=auto would never pick;
+    # FinalCheckpoint: last.ckpt also at a final step that is no multiple of ckpt_every_steps (checkpointing.py)
+    callbacks = [FinalCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), filename="step{step:07d}",
                                  auto_insert_metric_name=False, every_n_train_steps=cfg.trainer.ckpt_every_steps,
                                  save_last=True, save_top_k=1, monitor=None, enable_version_counter=False)]
     if c.ema_decay > 0:  # every strategy; sharded like the parameters under ZeRO-3 (callbacks/ema.py)

@@ -22,6 +22,7 @@ import time
 import torch
 
 from experiments.config import load_config
+from experiments.signals import ends_in_one_line
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 DEMO_PRESET = os.path.join(CONFIGS, "demo", "raster.yaml")
@@ -85,6 +86,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
+@ends_in_one_line  # Ctrl-C / SIGTERM while an arm trains: one line, 130 / 143 (experiments/signals.py)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

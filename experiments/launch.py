@@ -93,10 +93,14 @@ class TrainJob:
     """The submitted callable; submitit pickles it, so it holds only strings."""
 
     def __call__(self, configs: list[str], overrides: list[str]) -> dict:
+        from experiments.signals import RunStopped, stop_status
         from experiments.train import run
 
         torchrun_env_from_submitit()
-        return run(load_config(configs, overrides), quiet=True)
+        try:
+            return run(load_config(configs, overrides), quiet=True)
+        except RunStopped as stop:  # saved at a step boundary: the job's log gets one line and exit 143 / 130
+            raise SystemExit(stop_status(stop)) from None
 
     def checkpoint(self, configs: list[str], overrides: list[str]):
         """On timeout / pre-emption submitit requeues what this returns: the same run, which resumes (resume=auto)."""
@@ -121,6 +125,15 @@ def make_executor(a, first_cfg):
         params["slurm_additional_parameters"] = extra
     executor.update_parameters(slurm_signal_delay_s=90, **params)
     return executor
+
+
+def wait_for(submitted) -> dict:
+    """Rank 0's result (one per task; it holds the metrics written). Ctrl-C while waiting: --executor local's jobs
+    got the same SIGINT (one process group) and save and stop at a step boundary; this process ends in one line."""
+    try:
+        return submitted.results()[0]
+    except KeyboardInterrupt:
+        fail(f"SIGINT: stopped waiting for job {submitted.job_id} (its run resumes with resume=auto)", 130)
 
 
 def main(argv=None) -> int:
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
     failed = 0
     for job, submitted in zip(plan, jobs):
         try:
-            result = submitted.results()[0]  # one result per task; rank 0's holds the metrics written
+            result = wait_for(submitted)
             print(f"done job {submitted.job_id}: {job['name']}: {result.get('steps')} steps, "
                   f"val NLL {result.get('val_nll_bits')}")
         except Exception as err:  # noqa: BLE001  one failed job must not hide the others

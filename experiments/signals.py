@@ -22,7 +22,6 @@ this rank is, SIGKILLs its launched ranks and exits: no rank outlives the bound,
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ import torch
 
 from experiments.cli import say
 from experiments.watchdog import kill_launched
+from lightning_modules.checkpointing import save_atomically
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -44,36 +44,39 @@ class RunStopped(Exception):
         self.code, self.announce = code, announce  # announce: the rank that prints the line (global rank 0)
 
 
+def stop_status(stop: RunStopped) -> int:
+    """The stop's one line (from the rank that announces it) and its exit status, for every entry point that trains:
+    experiments.{train,ablate,demo,study} and a launch job end the same way, never with RunStopped's traceback."""
+    if stop.announce:
+        say(str(stop), alone=True)
+    return stop.code
+
+
+def ends_in_one_line(main):
+    """Wrap a CLI ``main(argv)``: a RunStopped (saved at a step boundary; resume=auto continues) becomes its line and
+    128 + signal; Ctrl-C before any trainer took SIGINT over (set-up, a tokenizer, evaluation code that builds none)
+    becomes one line and 130 instead of a KeyboardInterrupt traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except RunStopped as stop:
+            return stop_status(stop)
+        except KeyboardInterrupt:
+            say("roar: SIGINT: stopped outside the training loop, nothing new to save", alone=True)
+            return 128 + signal.SIGINT
+
+    return wrapped
+
+
 def launched_by_lightning(trainer) -> bool:
     """A rank that Lightning's subprocess launcher started on this node (local rank > 0, no external launcher)."""
     from lightning.fabric.plugins.environments import LightningEnvironment
 
     env = getattr(trainer.strategy, "cluster_environment", None)
     return isinstance(env, LightningEnvironment) and trainer.local_rank > 0
-
-
-def save_atomically(trainer, path: str) -> None:
-    """trainer.save_checkpoint on every rank; a DeepSpeed checkpoint (a directory) is written beside ``path`` and
-    swapped in by rank 0, so ``path`` is either the old checkpoint or the new one, never half of each. Files are
-    already atomic (lightning_modules/checkpointing.py)."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if not isinstance(trainer.strategy, DeepSpeedStrategy):
-        trainer.save_checkpoint(path)
-        return
-    partial, old = f"{path}.partial", f"{path}.old"
-    if trainer.is_global_zero:
-        shutil.rmtree(partial, ignore_errors=True)
-    trainer.strategy.barrier()
-    trainer.save_checkpoint(partial)
-    trainer.strategy.barrier()  # every rank's shard is on disk
-    if trainer.is_global_zero:
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(partial, path)
-        shutil.rmtree(old, ignore_errors=True)
-    trainer.strategy.barrier()
 
 
 class _Pipe:

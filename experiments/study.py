@@ -31,6 +31,7 @@ from experiments import study_report as report
 from experiments.ablate import REPO, finished_metrics, load_sweep, training_arms
 from experiments.cli import fail
 from experiments.config import ConfigError, config_hash
+from experiments.signals import ends_in_one_line
 
 SWEEP_DIR = os.path.join(REPO, "experiments", "configs", "sweeps")
 CROSS_ORDERS = ["own", "raster", "random", "spiral_in", "hilbert"]
@@ -290,6 +291,7 @@ def run_study(sweeps: list[str], collect_only: bool = False, doc: str = "docs/st
     return dict(study, doc=doc, json=json_path, images_dir=images_dir)
 
 
+@ends_in_one_line  # Ctrl-C / SIGTERM while an arm trains: one line, 130 / 143 (experiments/signals.py)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

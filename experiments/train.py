@@ -20,7 +20,7 @@ import time
 
 from omegaconf import OmegaConf
 
-from experiments.cli import config_parser, fail, parse_config, say
+from experiments.cli import config_parser, fail, parse_config
 from experiments.config import ConfigError, batch_layout, config_hash, run_name
 
 
@@ -69,8 +69,33 @@ def ended_ranks(trainer, cfg, err: BaseException) -> BaseException:
     return err
 
 
+def finished_record(cfg, run_dir: str) -> dict | None:
+    """metrics.json of this run when it is finished (resume=auto, same config hash, its steps and last.ckpt's both
+    at trainer.max_steps), else None. Fitting from a finished last.ckpt trains nothing, but would still validate,
+    sample and log the final step a second time and overwrite fit_seconds with the no-op's seconds."""
+    from lightning_modules.checkpointing import checkpoint_step
+
+    path = os.path.join(run_dir, "metrics.json")
+    if cfg.resume != "auto" or cfg.trainer.fast_dev_run or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):  # unreadable: train (resume) as if it were not there
+        return None
+    steps = cfg.trainer.max_steps
+    if record.get("config_hash") != config_hash(cfg) or record.get("steps") != steps:
+        return None
+    # a run made before last.ckpt was saved at the final step (its last save a multiple of ckpt_every_steps)
+    # resumes to write it
+    if checkpoint_step(os.path.join(run_dir, "checkpoints", "last.ckpt")) != steps:
+        return None
+    return dict(record, run_dir=run_dir)
+
+
 def run(cfg, quiet: bool = False) -> dict:
-    """Train per ``cfg``; returns the metrics dict written to runs/<name>/metrics.json."""
+    """Train per ``cfg``; returns the metrics dict written to runs/<name>/metrics.json (a finished run's recorded
+    one, without training: see finished_record)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -81,6 +106,12 @@ def run(cfg, quiet: bool = False) -> dict:
 
     name = run_name(cfg)
     run_dir = os.path.join(cfg.out_dir, name)
+    record = finished_record(cfg, run_dir)
+    if record is not None:
+        if not quiet and launch_rank() == 0:
+            print(f"roar: {name}: finished at step {record['steps']} ({run_dir}/metrics.json): nothing to train "
+                  f"(resume=never trains it again)", flush=True)
+        return record
     os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -163,7 +194,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
-    from experiments.signals import RunStopped
+    from experiments.signals import RunStopped, stop_status
     from experiments.watchdog import CollectiveFailure
     from lightning_modules.base import NonFiniteLossError
     from lightning_modules.checkpointing import CheckpointError
@@ -174,9 +205,7 @@ def main(argv=None) -> int:
     except ConfigError as err:  # bad input found while building (sample settings, ROAR_EXTRA_CALLBACKS)
         fail(f"config {err}")
     except RunStopped as stop:  # SIGTERM / SIGINT: saved and stopped at a step boundary (experiments/signals.py)
-        if stop.announce:
-            say(str(stop), alone=True)
-        return stop.code
+        return stop_status(stop)
     except (FileNotFoundError, TokenizerMismatchError, CheckpointError) as err:
         fail(str(err).splitlines()[0], 2)  # bad input (a file, a checkpoint): one line naming it, no traceback
     except CollectiveFailure as err:  # one line for the run; "" when another rank wrote it (watchdog.claim_line)

@@ -12,8 +12,11 @@ so the set does not depend on the number of ranks, and the .npz of a checkpoint 
 logged in training. Every rank writes its own shards (<name>.shards/batch-XXXXXX.npz: images and codes); a killed
 run, started again with the same command, redoes only the missing shards; rank 0 streams them into <name>.npz, so
 no process ever holds the whole set. EMA weights are used when the checkpoint has them (else the live weights;
---no-ema forces live); the log says which. Every sampling knob is in the file name, e.g.
-``randar_steps22-randar_cosine_cfg4.0-linear-p1.0_t1.0_k0_p1.0_official_seed0_n40.npz``.
+--no-ema forces live); the log says which. Every sampling knob is in the file name, then the head of the inputs'
+fingerprint (weights, tokenizer, classes, every setting, seed, batch, device type: all that makes the images), e.g.
+``randar_steps22-randar_cosine_cfg4-linear-p1_t1_k0_p1_official_seed0_n40_3f9a02c1.npz``: another checkpoint,
+--no-ema, --classes or sample.cfg_start writes a new set beside the old one, never reuses the old one's shards
+(<name>.shards/inputs.json records the inputs; sample_shards checks them before reusing a shard).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def parse_overrides(items: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from experiments.config import SampleConfig
+    from experiments.validate import validate_sample_ranges
 
     from lightning_modules.hparams import typed
 
@@ -56,22 +60,51 @@ def parse_overrides(items: list[str]) -> dict:
         if not key.startswith("sample.") or key[7:] not in SampleConfig.__dataclass_fields__ or not value:
             fail(f"{key}: unknown sampling override (use sample.<{'|'.join(SampleConfig.__dataclass_fields__)}>=value)")
         out[key[7:]] = OmegaConf.from_dotlist([f"x={value}"]).x
-    try:  # types and fixed choices (sample.draw, .precision, .compile, .kernels) as the training config checks them
-        typed(SampleConfig, out, "sample")
-    except ValueError as err:
+    try:  # types, fixed choices (sample.draw, .precision, ...) and ranges, as the training config checks them
+        checked = typed(SampleConfig, out, "sample")
+        validate_sample_ranges({key: getattr(checked, key) for key in out})
+    except ValueError as err:  # ConfigError is one
         fail(str(err))
     return out
+
+
+def check_counts(a) -> None:
+    """The set's size flags, refused before a checkpoint is read (sample_set would raise deep in the run)."""
+    for flag, value, low in (("--per-class", a.per_class, 1), ("--num-samples", a.num_samples, 0),
+                             ("--batch-size", a.batch_size, 1)):
+        if value < low:
+            fail(f"{flag}: {value} must be >= {low}" + (" (0 = --per-class x classes)" if low == 0 else ""))
+    parse_classes(a.classes)
+
+
+def parse_classes(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        fail(f"--classes: {text!r} must be comma-separated class ids, e.g. 0,3,7")
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def sample_shards(module, batches, folder: str, show: bool, **overrides) -> int:
-    """Sample every batch whose shard is missing; returns how many were sampled (this rank)."""
-    from experiments.sample_shards import done_batches, write_shard
+def sample_inputs(module, weights: str, settings, classes: list[int], n: int, batch_size: int, seed: int,
+                  device: str) -> dict:
+    """Everything that determines the set's images (what its fingerprint covers). The device type, not the index:
+    CPU and CUDA draw different streams, but rank r's cuda:r draws what rank 0's would (resumable on other ranks)."""
+    return {"weights_sha256": weights, "weights_used": module.weights_used, "tokenizer": module.tokenizer_fingerprint,
+            "model": dict(module.hparams["model"]), "settings": vars(settings), "classes": list(classes),
+            "num_samples": n, "batch_size": batch_size, "seed": seed, "device": torch.device(device).type}
+
+
+def sample_shards(module, batches, folder: str, show: bool, inputs: dict | None = None, **overrides) -> int:
+    """Sample every batch whose shard is missing; returns how many were sampled (this rank). ``inputs``: checked
+    against (or recorded in) the folder before any shard there is reused (sample_shards.claim_folder)."""
+    from experiments.sample_shards import claim_folder, done_batches, write_shard
     from lightning_modules.progress import Progress
 
+    if inputs is not None:
+        claim_folder(folder, inputs)
     done = done_batches(folder)
     todo = [b for b in batches if b.index not in done]
     with Progress(sum(len(b.labels) for b in todo), "sample", "images", enabled=show) as bar:
@@ -84,9 +117,10 @@ def sample_shards(module, batches, folder: str, show: bool, **overrides) -> int:
     return len(todo)
 
 
-def finish(a, module, settings, name: str, folder: str, classes: list[int], n: int, world: int, t0: float) -> None:
+def finish(a, module, settings, name: str, folder: str, classes: list[int], n: int, world: int, t0: float,
+           inputs: dict) -> None:
     """Rank 0: check every shard is there, stream them into the .npz, draw the grid, write the JSON record."""
-    from experiments.sample_shards import done_batches, merge_shards, read_shard
+    from experiments.sample_shards import done_batches, fingerprint, merge_shards, read_shard
     from lightning_modules.callbacks.images import image_grid, save_png, upscale_for_display
     from lightning_modules.sample_set import num_batches
 
@@ -103,7 +137,8 @@ def finish(a, module, settings, name: str, folder: str, classes: list[int], n: i
                    os.path.join(a.out, f"{name}.png"))
     record = {"npz": npz, "png": png, "num_samples": count, "classes": classes, "batch_size": a.batch_size,
               "seed": a.seed, "ranks": world, "weights": module.weights_used, "checkpoint": os.path.abspath(a.ckpt),
-              "settings": vars(settings), "seconds": round(time.time() - t0, 1)}
+              "settings": vars(settings), "seconds": round(time.time() - t0, 1),
+              "fingerprint": fingerprint(inputs), "inputs": inputs}
     with open(os.path.join(a.out, f"{name}.json"), "w") as f:
         json.dump(record, f, indent=1)
     print(f"sample: {count} images ({module.weights_used} weights) -> {npz} and {png}", flush=True)
@@ -129,8 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="sample.key=value")
     a = p.parse_args(argv)
     overrides = parse_overrides(a.overrides)
+    check_counts(a)
     from experiments.checkpoints import CheckpointError, load_generator
-    from experiments.sample_shards import shard_dir
+    from experiments.sample_shards import ForeignShards, fingerprint, shard_dir, weights_digest
     from lightning_modules.sample_set import sample_batches
     from tokenizers.base import TokenizerMismatchError
 
@@ -139,19 +175,23 @@ def main(argv=None) -> int:
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local}" if a.device == "cuda" and world > 1 else a.device
     try:
-        module = load_generator(a.ckpt, ema=False if a.no_ema else "auto").to(device).eval()
+        module = load_generator(a.ckpt, ema=False if a.no_ema else "auto")
+        weights = weights_digest(module)  # on the CPU copy, before it moves to the GPU
+        module = module.to(device).eval()
     except (FileNotFoundError, CheckpointError, TokenizerMismatchError, ValueError) as err:
         fail(str(err).splitlines()[0], 2)
     try:
         settings = module.checked_sample_settings(**overrides)
     except ValueError as err:
         fail(str(err))
-    classes = [int(c) for c in a.classes.split(",") if c] or list(range(module.backbone.num_classes))
+    classes = parse_classes(a.classes) or list(range(module.backbone.num_classes))
     bad = [c for c in classes if not 0 <= c < module.backbone.num_classes]
     if bad:
         fail(f"--classes: {bad} outside [0, {module.backbone.num_classes})")
     n = a.num_samples or a.per_class * len(classes)
-    name = knob_name(module, settings, a.seed, n) + (f"_b{a.batch_size}" if a.batch_size != BATCH else "")
+    inputs = sample_inputs(module, weights, settings, classes, n, a.batch_size, a.seed, device)
+    name = (knob_name(module, settings, a.seed, n) + (f"_b{a.batch_size}" if a.batch_size != BATCH else "")
+            + f"_{fingerprint(inputs)[:8]}")  # other inputs, other name: an earlier set is kept, never reused
     folder = shard_dir(a.out, name)
     if world > 1:
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
@@ -160,13 +200,16 @@ def main(argv=None) -> int:
         print(f"sample: {n} images in batches of {a.batch_size} over {world} rank(s), {module.weights_used} weights, "
               f"{settings.num_steps} steps -> {folder}/", flush=True)
     batches = sample_batches(n, classes, a.batch_size, a.seed, rank, world)
-    sampled = sample_shards(module, batches, folder, show=rank == 0, **overrides)
+    try:
+        sampled = sample_shards(module, batches, folder, show=rank == 0, inputs=inputs, **overrides)
+    except ForeignShards as err:  # the folder's shards come from other inputs (claim_folder)
+        fail(str(err), alone=world > 1)
     print(f"sample: rank {rank}: {sampled} batches sampled, {len(batches) - sampled} already on disk, peak memory "
           f"{peak_rss_mb():.0f} MB", flush=True)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        finish(a, module, settings, name, folder, classes, n, world, t0)
+        finish(a, module, settings, name, folder, classes, n, world, t0, inputs)
     if world > 1:
         torch.distributed.destroy_process_group()
     return 0

@@ -1,22 +1,76 @@
 """Sharded sample sets on disk: one file per protocol batch, written atomically; merged by streaming.
 
     <out>/<name>.shards/batch-000017.npz   images uint8 [n, H, W, 3], codes long [n, h, w], labels [n], samples [n]
+    <out>/<name>.shards/inputs.json         everything that determines the images, and its fingerprint
     <out>/<name>.npz                        the ADM file: arr_0 uint8 [N, H, W, 3] (+ labels), written shard by shard
 
 A batch whose shard exists is done: a killed run, started again with the same command, redoes only the missing
-ones. Nothing ever holds the whole set (50,000 images at 256 px are 9.8 GB): every rank keeps one batch, and the
-merge copies one shard at a time into the .npz (a zip of .npy files that we write as a stream; ``np.load`` reads it
-like any other).
+ones. A shard is only reused when the folder's inputs.json holds the same fingerprint (weights, tokenizer, classes,
+every sample setting, seed, ...): the name carries the fingerprint's head, so other inputs get another folder, and
+``claim_folder`` refuses the rare folder that still disagrees (one made before fingerprints, a hash-head clash).
+Nothing ever holds the whole set (50,000 images at 256 px are 9.8 GB): every rank keeps one batch, and the merge
+copies one shard at a time into the .npz (a zip of .npy files that we write as a stream; ``np.load`` reads it like
+any other).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import zipfile
 
 import numpy as np
 
 SHARD = "batch-{:06d}.npz"
+INPUTS = "inputs.json"
+
+
+class ForeignShards(ValueError):
+    """A shard folder whose shards other (or unrecorded) inputs made."""
+
+
+def weights_digest(module) -> str:
+    """sha256 over the backbone's tensors as loaded (EMA or live, any dtype): the checkpoint's identity by content,
+    so a copied or re-saved file is the same set and another step, run or weights choice is not (a path, size or
+    mtime says neither). About a second per GB, once per command."""
+    import torch
+
+    h = hashlib.sha256()
+    for key, value in sorted(module.backbone.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes: no float conversion, bf16 included
+    return h.hexdigest()
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def claim_folder(folder: str, inputs: dict) -> str:
+    """Record ``inputs`` (and their fingerprint) in ``folder``, or check the ones there; returns the fingerprint.
+    Raises ForeignShards (one line naming the folder) when shards exist that other or unknown inputs made: reusing
+    them would merge another model's images under this command's record."""
+    fp = fingerprint(inputs)
+    path = os.path.join(folder, INPUTS)
+    had_shards = bool(done_batches(folder))  # looked at first: a claimant writes inputs.json before its first shard
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = json.load(f).get("fingerprint")
+        if found != fp:
+            raise ForeignShards(f"{folder}: its shards were made by other inputs (fingerprint {found}, this command's "
+                             f"{fp}); remove the folder or use another --out")
+        return fp
+    if had_shards:
+        raise ForeignShards(f"{folder}: holds shards without {INPUTS} (made by an older roar?), so they cannot be "
+                         f"checked against this command; remove the folder or use another --out")
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"  # every rank writes the same text; a per-process name keeps writes apart
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fp, "inputs": inputs}, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return fp
 
 
 def shard_dir(out: str, name: str) -> str:

@@ -25,6 +25,26 @@ def _unit(value: float, key: str, closed_top: bool = False) -> None:
     _check(0 <= value and top_ok, key, f"{value} must be in [0, 1{']' if closed_top else ')'}")
 
 
+# sample.* ranges: (key, ok, what a good value is). One table for the training config, experiments.sample and
+# experiments.edit, so a value training refuses is never written into a sample file name or sampled with.
+SAMPLE_RANGES = (
+    ("num_steps", lambda v: v >= 0, "must be >= 0 (0 = the ordering's default)"),
+    ("cfg_scale", lambda v: v >= 0, "must be >= 0"),
+    ("cfg_power", lambda v: v >= 0, "must be >= 0"),
+    ("temperature", lambda v: v > 0, "must be > 0"),
+    ("top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+)
+
+
+def validate_sample_ranges(sample) -> None:
+    """ConfigError naming the first sample.* value out of range; ``sample``: the config's section or a CLI's
+    overrides dict (keys it lacks are skipped: they keep the checkpoint's checked defaults)."""
+    for key, ok, what in SAMPLE_RANGES:
+        if key in sample:
+            _check(ok(sample[key]), f"sample.{key}", f"{sample[key]} {what}")
+
+
 def validate_ordering(cfg: DictConfig):
     """model.variant / model.flavour / the ordering's own model.* keys, against the registry and the ordering's
     declared capabilities; returns the ordering class."""
@@ -124,15 +144,10 @@ def validate(cfg: DictConfig) -> None:
     _check(t.collective_timeout_s > 0, "trainer.collective_timeout_s", f"{t.collective_timeout_s} must be > 0 seconds")
     _check(t.stop_grace_s > 0, "trainer.stop_grace_s", f"{t.stop_grace_s} must be > 0 seconds")
 
-    _check(s.num_steps >= 0, "sample.num_steps", f"{s.num_steps} must be >= 0 (0 = the ordering's default)")
+    validate_sample_ranges(s)
     _check(s.schedule in ("", *ordering.capabilities.schedules), "sample.schedule",
            f"{s.schedule!r} is not a schedule the {m.variant} ordering decodes with (it takes "
            f"{list(ordering.capabilities.schedules)})")
-    _check(s.cfg_scale >= 0, "sample.cfg_scale", f"{s.cfg_scale} must be >= 0")
-    _check(s.cfg_power >= 0, "sample.cfg_power", f"{s.cfg_power} must be >= 0")
-    _check(s.temperature > 0, "sample.temperature", f"{s.temperature} must be > 0")
-    _check(s.top_k >= 0, "sample.top_k", f"{s.top_k} must be >= 0 (0 = off)")
-    _check(0 < s.top_p <= 1, "sample.top_p", f"{s.top_p} must be in (0, 1]")
     if "onednn" in (s.kernels, t.kernels):  # refused before training, not at the first step or sampling callback
         import torch
 

@@ -11,8 +11,10 @@ the image's size, white = the region. Images are resized to the model's pixel si
 class is the dataset label (--from-dataset) or the null class (unconditional). RandAR / ARPG see every kept token;
 raster / RAR decode in raster order, so kept tokens below or right of a hole are not seen when it is filled.
 Writes OUT/{input,mask,result,side_by_side,order_map}.png: mask.png is white where tokens were generated; side by
-side = input | kept tokens, the rest grey | result; order_map = the decode step of every generated position.
-Extrapolation: input = the native-resolution first pass, kept = its (2i, 2j) positions on the 2x grid.
+side = input | kept tokens, the rest grey | result; order_map = the decode step of every generated position (kept
+ones read "k", also where raster / RAR pass them in their turn). A region that leaves nothing to generate is refused.
+Extrapolation: input = the native-resolution first pass, kept = its (2i, 2j) positions on the 2x grid; it generates
+from a class (--class, else the label of --from-dataset's sample; its pixels are not used), never from --image.
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def run_edit(module, task: str, image: torch.Tensor, label: int, region: torch.T
         if tuple(codes.shape[1:]) != grid:
             raise ValueError(f"--image: encodes to a {tuple(codes.shape[1:])} grid, the model expects {grid}")
         kept = known_mask_for(task, region)
+        if bool(kept.all()):  # generate() would run no step: no result to show, no order to map
+            raise ValueError(f"editing: {task} keeps every token of the region given; nothing is left to generate")
         result = tok.decode(TASKS[task](module, codes, region, labels, settings, gen, rec)).cpu()
         shown_input = input_png = tok.decode(codes).cpu()
         big = grid
@@ -98,6 +102,7 @@ def run_edit(module, task: str, image: torch.Tensor, label: int, region: torch.T
     masked = torch.where(keep_px, shown_input, torch.full_like(shown_input, 128))
     region_px = (~keep_px).to(torch.uint8)[None].expand(3, -1, -1) * 255  # white = generated
     scale = upscale_for_display(result)
+    steps = step_map(rec.positions, big, rec.kept)  # [1, h, w]; kept cells -1 ("k"), also where raster visits them
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "input": save_png(input_png[0], os.path.join(out_dir, "input.png")),
@@ -105,14 +110,14 @@ def run_edit(module, task: str, image: torch.Tensor, label: int, region: torch.T
         "result": save_png(result[0], os.path.join(out_dir, "result.png")),
         "side_by_side": save_png(image_grid(torch.cat([shown_input, masked, result]), nrow=3, scale=scale),
                                  os.path.join(out_dir, "side_by_side.png")),
-        "order_map": save_png(render_order_map(step_map(rec.positions, big)), os.path.join(out_dir, "order_map.png")),
+        "order_map": save_png(render_order_map(steps), os.path.join(out_dir, "order_map.png")),
     }
-    return dict(paths, positions=rec.positions, kept=kept)
+    return dict(paths, positions=rec.positions, kept=kept, steps=steps)
 
 
 def main(argv=None) -> int:
     from experiments.sample import parse_overrides
-    from lightning_modules.editing import REGIONS, region_mask, sees_all_known
+    from lightning_modules.editing import REGIONS, known_mask_for, region_mask, sees_all_known
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,7 +146,15 @@ def main(argv=None) -> int:
         grid, tok = tuple(module.grid), module.tokenizer
         size = (grid[0] * tok.downsample, grid[1] * tok.downsample)
         image, label = torch.zeros(1, 3, *size, dtype=torch.uint8), module.backbone.num_classes  # null class
-        if a.task != "extrapolate":
+        if a.task == "extrapolate":  # generates both passes itself: of a dataset sample only the label can be used
+            if a.image is not None:
+                fail("--image: extrapolate generates a new image and cannot start from one; give --class (or "
+                     "--from-dataset, whose label becomes the class)")
+            if a.from_dataset is not None and a.klass is None:
+                label = dataset_image(a.from_dataset)[1]
+                print(f"edit: extrapolate: class {label} (the label of --from-dataset {a.from_dataset}; the image "
+                      f"itself is not used)")
+        else:
             if a.image is None and a.from_dataset is None:
                 fail(f"--task {a.task}: give --image or --from-dataset")
             image, label = (load_image(a.image, size), label) if a.image else dataset_image(a.from_dataset)
@@ -155,6 +168,10 @@ def main(argv=None) -> int:
                 fail(f"--class: {a.klass} outside [0, {module.backbone.num_classes})")
             label = a.klass
         region = load_mask(a.mask, grid) if a.mask else region_mask(a.region, grid)
+        if a.task != "extrapolate" and bool(known_mask_for(a.task, region).all()):
+            what = "covers the whole" if a.task == "outpaint" else "is empty on the"
+            fail(f"{'--mask ' + a.mask if a.mask else '--region ' + a.region}: the region {what} {grid[0]}x{grid[1]} "
+                 f"token grid, so {a.task} keeps every token and nothing is left to generate")
         out = run_edit(module, a.task, image, label, region, a.out, a.seed, a.high_steps, a.ntk_boundary,
                        **overrides)
     except (FileNotFoundError, ValueError) as err:  # bad input (checkpoint, image, mask): one line, exit 2

@@ -261,12 +261,17 @@ def _generate(model, labels, settings, generator, known, draw, recorder, order) 
             new = draw(mixed, positions)
         else:
             new = sample_logits(mixed, settings.temperature, settings.top_k, settings.top_p, generator, settings.draw)
+        kept = None
         if known_grid is not None:  # orderings that cannot skip known positions (raster) still keep them exactly
             mask, grid_tokens = known_grid
-            new = torch.where(mask[positions], torch.gather(grid_tokens, 1, positions), new)
+            kept = mask[positions]  # [B, n]
+            new = torch.where(kept, torch.gather(grid_tokens, 1, positions), new)
         if recorder is not None:
-            recorder(dict(step=t, positions=positions, logits_cond=cond, logits_uncond=uncond, logits_cfg=mixed,
-                          cfg_scale=scales[t], tokens=new))
+            record = dict(step=t, positions=positions, logits_cond=cond, logits_uncond=uncond, logits_cfg=mixed,
+                          cfg_scale=scales[t], tokens=new)
+            if kept is not None:  # a fixed order visits known positions too: say they were kept, not generated
+                record["kept"] = kept
+            recorder(record)
         state.tokens[:, state.done: state.done + n] = new.repeat(reps, 1)
         state.fed = state.done
         state.done += n

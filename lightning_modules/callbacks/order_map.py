@@ -25,23 +25,33 @@ MAX_STRIP_FRAMES = 12  # frames in the TensorBoard strip (the GIF keeps every st
 
 
 class OrderRecorder:
-    """A ``generate(recorder=...)`` callable keeping each step's positions and tokens (long [B, n_t], on CPU)."""
+    """A ``generate(recorder=...)`` callable keeping each step's positions and tokens (long [B, n_t], on CPU) and,
+    when the generation had known tokens, which of those positions were kept rather than generated (bool [B, n_t]:
+    fixed-order orderings visit known positions in their turn; any-order ones never do, so theirs are all False)."""
 
     def __init__(self):
         self.positions: list[torch.Tensor] = []
         self.tokens: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor | None] = []
 
     def __call__(self, record: dict) -> None:
         self.positions.append(record["positions"].detach().cpu())
         self.tokens.append(record["tokens"].detach().cpu())
+        kept = record.get("kept")
+        self.kept.append(None if kept is None else kept.detach().cpu())
 
 
-def step_map(positions: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-    """Per-step positions (long [B, n_t] each) -> long [B, h, w]: the step that decoded each position, -1 if none."""
+def step_map(positions: list[torch.Tensor], grid: tuple[int, int],
+             kept: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Per-step positions (long [B, n_t] each) -> long [B, h, w]: the step that decoded each position, -1 if none
+    or if ``kept`` (an OrderRecorder's, bool [B, n_t] per step) says the step kept a known token there."""
     B = positions[0].shape[0]
     out = torch.full((B, grid[0] * grid[1]), -1, dtype=torch.long)
     for t, pos in enumerate(positions):
-        out.scatter_(1, pos.long(), t)
+        step = torch.full(pos.shape, t, dtype=torch.long)
+        if kept is not None and kept[t] is not None:
+            step.masked_fill_(kept[t], -1)
+        out.scatter_(1, pos.long(), step)
     return out.view(B, *grid)
 
 

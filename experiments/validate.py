@@ -77,7 +77,9 @@ def validate_ordering(cfg: DictConfig):
 
 
 def validate(cfg: DictConfig) -> None:
-    from tokenizers.registry import TOKENIZERS
+    from omegaconf import OmegaConf
+
+    from tokenizers.registry import TOKENIZERS, check_options
 
     m, t, o, s, d = cfg.model, cfg.trainer, cfg.optim, cfg.sample, cfg.data
     ordering = validate_ordering(cfg)
@@ -105,6 +107,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.tokenizer.vocab_size >= 0, "tokenizer.vocab_size", f"{cfg.tokenizer.vocab_size} must be >= 0")
     if cfg.tokenizer.kind == "codes":
         _check(cfg.tokenizer.vocab_size >= 2, "tokenizer.vocab_size", "tokenizer.kind=codes needs vocab_size >= 2")
+    try:  # an option the tokenizer's factory does not take: refused here, not as a TypeError at build time
+        check_options(cfg.tokenizer.kind, **OmegaConf.to_container(cfg.tokenizer.options))
+    except ValueError as err:
+        key, _, message = str(err).partition(": ")
+        raise ConfigError(key, message) from None
 
     _check(d.image_size >= 1, "data.image_size", f"{d.image_size} must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", f"{d.num_workers} must be >= 0")
@@ -124,7 +131,9 @@ def validate(cfg: DictConfig) -> None:
     _check(o.max_nonfinite_in_a_row >= 1, "optim.max_nonfinite_in_a_row", f"{o.max_nonfinite_in_a_row} must be >= 1")
 
     _check(t.max_steps >= 1, "trainer.max_steps", f"{t.max_steps} must be >= 1")
-    if o.warmup_steps >= 1:
+    if o.warmup_steps >= 1:  # below 1 a fraction of max_steps, from 1 a step count (lightning_modules/base.py)
+        _check(float(o.warmup_steps).is_integer(), "optim.warmup_steps",
+               f"{o.warmup_steps} must be a fraction of trainer.max_steps (< 1) or a whole number of steps")
         _check(o.warmup_steps <= t.max_steps, "optim.warmup_steps",
                f"{o.warmup_steps} steps exceed trainer.max_steps={t.max_steps}")
     _check(t.global_batch_size >= 1, "trainer.global_batch_size", f"{t.global_batch_size} must be >= 1")
@@ -141,6 +150,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("val_every_steps", "log_every_steps", "ckpt_every_steps"):
         _check(t[key] >= 1, f"trainer.{key}", f"{t[key]} must be >= 1")
     _check(t.limit_val_batches >= 0, "trainer.limit_val_batches", f"{t.limit_val_batches} must be >= 0")
+    if d.samples_per_epoch:  # each rank's loader workers split an epoch; each must yield one whole micro-batch
+        workers = max(1, d.num_workers)
+        micro = t.micro_batch_size or t.global_batch_size // world
+        _check(d.samples_per_epoch // (world * workers) >= micro, "data.samples_per_epoch",
+               f"{d.samples_per_epoch} is less than one micro-batch of {micro} per loader worker ({world} ranks x "
+               f"{workers} workers)")
     _check(t.collective_timeout_s > 0, "trainer.collective_timeout_s", f"{t.collective_timeout_s} must be > 0 seconds")
     _check(t.stop_grace_s > 0, "trainer.stop_grace_s", f"{t.stop_grace_s} must be > 0 seconds")
 
@@ -183,8 +198,6 @@ def validate(cfg: DictConfig) -> None:
         _check(bool(e.inception_weights), "eval.inception_weights",
                "FID with the Inception extractor needs a local weights file (nothing is downloaded)")
     _check(cfg.seed >= 0, "seed", f"{cfg.seed} must be >= 0")
-    from omegaconf import OmegaConf
-
     from experiments.config import ExperimentConfig
     from experiments.readers import check_unread
 

@@ -75,6 +75,8 @@ MALFORMED = [
     ("model.grad_checkpointing=maybe", "model.grad_checkpointing"), ("trainer.global_batch_size=[1]", "trainer.global_batch_size"),
     ("sample.temperature=hot", "sample.temperature"), ("model.dim=big", "model.dim"),
     ("callbacks.sample_classes=[1,x]", "callbacks.sample_classes"),
+    ("tokenizer.options.foo=1", "tokenizer.options.foo"), ("optim.warmup_steps=2.5", "optim.warmup_steps"),
+    ("data.samples_per_epoch=3", "data.samples_per_epoch"),
     # bad values
     ("model.variant=spiral", "model.variant"), ("model.flavour=gpt2", "model.flavour"), ("model.size=huge", "model.size"),
     ("model.class_dropout=1.5", "model.class_dropout"), ("model.class_dropout=-0.1", "model.class_dropout"),

@@ -155,3 +155,9 @@ def test_presets_and_options_are_checked():
         build_tokenizer("pixel", foo=1)
     with pytest.raises(ValueError, match=r"^tokenizer.options.bar: .* codes tokenizer \(it takes vocab_size, "):
         build_tokenizer("codes", vocab_size=4, bar=1)
+    from tokenizers.registry import check_options
+
+    for kind in ("llamagen_vq", "digits_vq", "maskgit_vq"):  # **config factories: named before anything is built
+        with pytest.raises(ValueError, match=r"^tokenizer.options.codebok_size: not a .* option"):
+            check_options(kind, path="any.safetensors", codebok_size=3)
+        check_options(kind, preset="tiny")

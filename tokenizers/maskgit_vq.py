@@ -239,3 +239,8 @@ def build_maskgit_vq(path: str = "", preset: str | None = None, **config) -> Mas
     from lightning_modules.official.maskgit_vq import load_maskgit_vq
 
     return load_maskgit_vq(path, preset=preset, **config)
+
+
+# registry.check_options: the option names (and preset) before anything is built; every preset has the same keys
+build_maskgit_vq.check_options = lambda path="", preset=None, **config: preset_config(preset or "maskgit_1024",
+                                                                                      **config)

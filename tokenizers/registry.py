@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 
 from tokenizers.base import ImageTokenizer
 
@@ -25,11 +26,16 @@ def factory(kind: str):
 
 
 def check_options(kind: str, **kwargs) -> None:
-    """ValueError naming ``tokenizer.options.<key>`` for an argument the factory does not take (a factory with
-    ``**config`` checks its own keys when it builds)."""
-    params = inspect.signature(factory(kind)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    """ValueError naming ``tokenizer.options.<key>`` for an argument the factory does not take, before anything is
+    built (a factory with ``**config`` names its options through its ``check_options``)."""
+    make = factory(kind)
+    if hasattr(make, "check_options"):
+        try:
+            make.check_options(**kwargs)
+        except ValueError as err:  # "tokenizer.<key>: ..." -> the config key it came from
+            raise ValueError(re.sub(r"^tokenizer\.", "tokenizer.options.", str(err))) from None
         return
+    params = inspect.signature(make).parameters
     for key in kwargs:
         if key not in params:
             raise ValueError(f"tokenizer.options.{key}: not an option of the {kind} tokenizer (it takes "

@@ -390,3 +390,8 @@ def build_digits_vq(path: str = "", preset: str | None = None, **config) -> Llam
     if path:  # the file's embedded config decides; an explicit preset is still checked against it
         return build_llamagen_vq(path, preset=preset, **config)
     return LlamaGenVQ.from_preset(preset or "digits", **config)
+
+
+# registry.check_options: the option names (and preset) before anything is built; every preset has the same keys
+build_llamagen_vq.check_options = lambda path="", preset=None, **config: preset_config(preset or "vq16", **config)
+build_digits_vq.check_options = lambda path="", preset=None, **config: preset_config(preset or "digits", **config)

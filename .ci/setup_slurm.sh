@@ -9,7 +9,13 @@ set -uo pipefail
 die() { echo "setup_slurm: $*" >&2; exit 1; }
 ready() { sinfo -h -o '%a %t' 2>/dev/null | grep -Eq '^up (idle|mix|alloc)$'; }  # '*' = not responding
 
-if command -v sinfo >/dev/null && ready; then echo "setup_slurm: already up"; exit 0; fi
+# the machine's CPUs: nproc honours OMP_NUM_THREADS, which a test run may set to 1 (that made a 1-CPU node on
+# which the 2-task sbatch test pended forever with Reason=PartitionConfig)
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+# up, and with this machine's CPU count (a node written with another count is rewritten below)
+if command -v sinfo >/dev/null && ready && [ "$(sinfo -h -o '%c' 2>/dev/null)" = "$CPUS" ]; then
+  echo "setup_slurm: already up"; exit 0
+fi
 [ "$(id -u)" = 0 ] || die "needs root (apt-get, munged, slurmd run as root)"
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -20,7 +26,6 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
 fi
 
 H=$(hostname -s)
-CPUS=$(nproc)
 MEM=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)  # MB, leave room for the OS
 mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/run/slurm /etc/slurm
 

@@ -12,7 +12,8 @@ a thread reading that pipe acts even while the main thread is stuck. On the firs
 the signal to the ranks this process launched (Lightning's ``launcher.kill``, as Lightning does) and arms the
 deadline. The main thread, after the next optimizer step, agrees with the other ranks (one all-reduce, as
 SlurmRequeue does), every rank saves last.ckpt (a DeepSpeed directory through a ``.partial`` sibling, so a
-SIGKILL during the save leaves the previous one intact) and the run raises ``RunStopped``: exit status
+SIGKILL during the save leaves the previous one intact) and, once Lightning has logged that step and run what is
+due at it (validation, sampling callbacks), the run raises ``RunStopped`` at the next batch: exit status
 128 + signal (143 / 130). A rank that Lightning's launcher started exits 0 instead, because the launcher reports
 the stop and Lightning's child observer SIGKILLs the launcher as soon as a child exits non-zero. Outside the
 training loop (set-up, the final validation) there is nothing new to save: the rank exits at once. At the
@@ -143,6 +144,7 @@ class GracefulStop(L.Callback):
         self.finished = False  # stopped at a step boundary: the deadline has nothing left to do, a signal ends at once
         self.ending = False  # the watcher thread is ending the process (see hold_if_ending)
         self.last_step = -1
+        self.pending: RunStopped | None = None  # saved at a step boundary; raised once that step is logged
 
     def install(self, trainer) -> None:
         """Main thread, once the Trainer exists (before fit, so the rank launch and set-up are covered too)."""
@@ -207,6 +209,12 @@ class GracefulStop(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.in_training = False
+        if self.pending is not None:  # stopped at the last step: saved; the final validation is the re-run's
+            raise self.pending
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.pending is not None:  # the stopped step is logged and validated, as an uninterrupted run's
+            raise self.pending
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.in_training = False
@@ -229,5 +237,7 @@ class GracefulStop(L.Callback):
         saved = "kept the requeue checkpoint" if requeued else f"every rank saved {self.ckpt_path}"
         self.in_training, self.finished = False, True
         code = 0 if launched_by_lightning(trainer) else 128 + signum
-        raise RunStopped(f"roar: {name} at step {step}: {saved}; stopped (resume=auto continues from it)", code,
-                         trainer.is_global_zero)
+        # raised at the next batch's start, not here: Lightning still logs this step's scalars and runs the
+        # validation and callbacks due at it (the resumed run starts after it), so TensorBoard misses nothing
+        self.pending = RunStopped(f"roar: {name} at step {step}: {saved}; stopped (resume=auto continues from it)",
+                                  code, trainer.is_global_zero)

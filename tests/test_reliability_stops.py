@@ -125,3 +125,41 @@ def test_a_stop_while_an_entry_point_trains_is_one_line_and_128_plus_signal(tmp_
     saved = lines[0].split("every rank saved ")[1].split(";")[0]
     assert step_of(saved) == 2  # resume=auto continues from it
     assert not os.path.exists(os.path.join(os.path.dirname(os.path.dirname(saved)), "metrics.json"))
+
+
+def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of every TensorBoard scalar of a run (all event files, in step order)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(run_dir, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: sorted((e.step, e.value) for e in acc.Scalars(t)) for t in acc.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_run_logs_what_an_uninterrupted_one_does(tmp_path):
+    """SIGTERM after step 4 (a validation and logging step): the step's train scalars and its validation are logged
+    before the stop, and the resumed run's TensorBoard equals an uninterrupted run's (they used to be missing)."""
+    env = subprocess_env(os.path.dirname(os.path.abspath(__file__)), ROAR_PROGRESS="off", OMP_NUM_THREADS="1")
+    args = ["-m", "experiments.train", "-c", DEMO, "model.size=debug", f"data.root={tmp_path}/digits",
+            "trainer.global_batch_size=8", "trainer.max_steps=8", "trainer.val_every_steps=4",
+            "trainer.log_every_steps=1", "trainer.limit_val_batches=2", "callbacks.sample_every_steps=0"]
+    runs = {}
+    for name, kill in (("whole", None), ("stopped", "4")):
+        argv = [sys.executable, *args, f"out_dir={tmp_path / name}", "name=run"]
+        if kill:
+            stop_env = dict(env, ROAR_EXTRA_CALLBACKS="test_reliability_stops:killer", KILL_STEP=kill,
+                            KILL_SIG="SIGTERM")
+            stopped = subprocess.run(argv, cwd=REPO, env=stop_env, capture_output=True, text=True, timeout=600)
+            assert stopped.returncode == 143, stopped.stderr[-3000:]
+            assert "roar: SIGTERM at step 4: every rank saved" in stopped.stderr
+            # the validation due at step 4 ran before the stop (the whole run's first of two)
+            assert _scalars(str(tmp_path / name / "run"))["val/nll"] == runs["whole"]["val/nll"][:1]
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = _scalars(str(tmp_path / name / "run"))
+    exact = [t for t in runs["whole"] if t.startswith(("train/loss", "train/lr", "train/grad_norm", "val/nll"))]
+    assert "val/nll" in exact and "train/loss" in exact
+    for tag in exact:
+        assert runs["stopped"][tag] == runs["whole"][tag], tag
+    assert {t for t in runs["whole"] if t.startswith(("train/", "val/"))} <= set(runs["stopped"])

@@ -73,6 +73,17 @@ def make_module(variant: str, flavour: str = "llama", grid=(4, 4), vocab: int = 
     return m.eval()
 
 
+@pytest.fixture(scope="session")
+def quick_digits_extractor(tmp_path_factory) -> str:
+    """A digits FID extractor file (2 epochs: where it is used, its quality is irrelevant), trained once."""
+    from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
+
+    path = str(tmp_path_factory.mktemp("ext") / "digits.safetensors")
+    model, info = train_digits_extractor(seed=0, epochs=2)
+    save_digits_extractor(model, path, info)
+    return path
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a busy 2-core box, 2 OpenMP threads spin-wait and run ~8x slower."""

@@ -23,13 +23,8 @@ def sweep_overrides(tmp, extractor):
 
 
 @pytest.fixture(scope="module")
-def extractor(tmp_path_factory):
-    from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
-
-    path = str(tmp_path_factory.mktemp("ext") / "digits.safetensors")
-    model, info = train_digits_extractor(seed=0, epochs=2)
-    save_digits_extractor(model, path, info)
-    return path
+def extractor(quick_digits_extractor):
+    return quick_digits_extractor
 
 
 @pytest.fixture(scope="module")

@@ -83,13 +83,8 @@ def test_last_ckpt_is_the_final_step_and_a_finished_run_reruns_as_a_no_op(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def extractor(tmp_path_factory):
-    from lightning_modules.metrics.extractors import save_digits_extractor, train_digits_extractor
-
-    path = str(tmp_path_factory.mktemp("ext") / "digits.safetensors")
-    model, info = train_digits_extractor(seed=0, epochs=1)
-    save_digits_extractor(model, path, info)
-    return path
+def extractor(quick_digits_extractor):
+    return quick_digits_extractor
 
 
 def entry_point(which: str, tmp: str, extractor: str) -> list[str]:

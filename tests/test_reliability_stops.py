@@ -4,7 +4,6 @@ trains (ablate, demo, study, a launch job) ends in train's one line and 143 / 13
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
 import signal

@@ -176,6 +176,7 @@ def test_train_tokenizer_steps_run_under_train_tf32(tmp_path, monkeypatch, tf32)
     monkeypatch.setattr(VQTokenizerModule, "training_step",
                         lambda self, *a: steps.append(tf32_state()) or inner(self, *a))
     sets = ["--set", "train.extractor=none", "--set", "tokenizer.vq.codebook_size=16"]
-    main(["--out", str(tmp_path / "vq"), "-c", os.path.join(REPO, "experiments/configs/tokenizer/digits_vq.yaml"), "--max-steps", "2",
-          "--batch-size", "8", *sets, *([] if tf32 else ["--set", "train.tf32=false"])])
+    config = os.path.join(REPO, "experiments/configs/tokenizer/digits_vq.yaml")
+    main(["--out", str(tmp_path / "vq"), "-c", config, "--max-steps", "2", "--batch-size", "8", *sets,
+          *([] if tf32 else ["--set", "train.tf32=false"])])
     assert steps == [(tf32, tf32)] * 2

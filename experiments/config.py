@@ -224,6 +224,34 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# Keys that say how a run is operated, not what it computes. They stay in the hash (taking them out would rename
+# every run whose preset sets them); a new run that differs from an existing one only in these is pointed to it.
+OPERATIONAL = ("trainer.log_every_steps", "trainer.ckpt_every_steps", "trainer.collective_timeout_s",
+               "trainer.stop_grace_s")
+
+
+def operational_twin(cfg: DictConfig) -> tuple[str, list[str]] | None:
+    """(name, differing keys) of a run in ``out_dir`` that is this config but for OPERATIONAL keys, or None."""
+    import glob
+
+    prefix = run_name(cfg).rsplit("-", 1)[0] + "-"  # variant-flavour-size-s<seed>-
+    mine = config_hash(cfg)
+    for path in sorted(glob.glob(os.path.join(glob.escape(cfg.out_dir), glob.escape(prefix) + "*", "config.yaml"))):
+        try:
+            other = OmegaConf.load(path)
+        except (OSError, OmegaConfBaseException):
+            continue
+        if other.get("name"):
+            continue
+        theirs = {k: OmegaConf.select(other, k) for k in OPERATIONAL if OmegaConf.select(other, k) !=
+                  OmegaConf.select(cfg, k)}
+        for key in theirs:
+            OmegaConf.update(other, key, OmegaConf.select(cfg, key))
+        if theirs and config_hash(other) == mine:
+            return os.path.basename(os.path.dirname(path)), [f"{k}={v}" for k, v in theirs.items()]
+    return None
+
+
 def run_name(cfg: DictConfig) -> str:
     if cfg.name:
         return cfg.name

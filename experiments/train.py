@@ -21,7 +21,7 @@ import time
 from omegaconf import OmegaConf
 
 from experiments.cli import config_parser, fail, parse_config
-from experiments.config import ConfigError, batch_layout, config_hash, run_name
+from experiments.config import ConfigError, batch_layout, config_hash, operational_twin, run_name
 
 
 def git_sha() -> str:
@@ -112,6 +112,11 @@ def run(cfg, quiet: bool = False) -> dict:
             print(f"roar: {name}: finished at step {record['steps']} ({run_dir}/metrics.json): nothing to train "
                   f"(resume=never trains it again)", flush=True)
         return record
+    if cfg.resume == "auto" and not cfg.name and not os.path.isdir(run_dir) and launch_rank() == 0:
+        twin = operational_twin(cfg)  # the same run but for how often it checkpoints or logs: not resumed silently
+        if twin is not None:
+            print(f"roar: {name}: a new run; {cfg.out_dir}/{twin[0]} is this run with {', '.join(twin[1])}: add "
+                  f"name={twin[0]} to continue that one", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

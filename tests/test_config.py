@@ -226,3 +226,24 @@ def test_paper_presets_draw_order_maps_with_their_sample_grids():
         if os.path.basename(path).split("_")[0] in ("rar", "randar", "arpg", "llamagen"):
             c = load_config([path]).callbacks
             assert c.order_map_every_steps == c.sample_every_steps > 0, path
+
+
+def test_a_run_that_differs_only_in_operational_keys_is_pointed_to(tmp_path):
+    """A re-run with another trainer.ckpt_every_steps (or log interval, timeouts) gets another name (the hash keeps
+    them: taking them out would rename existing runs), so train says which existing run it is and how to continue it
+    (experiments/config.py::operational_twin); a run that differs in what it computes has no twin."""
+    from omegaconf import OmegaConf
+
+    from experiments.config import operational_twin
+
+    out = [f"out_dir={tmp_path}"]
+    first = load_config([DEMO], out)
+    os.makedirs(tmp_path / run_name(first))
+    OmegaConf.save(first, tmp_path / run_name(first) / "config.yaml")
+    again = load_config([DEMO], [*out, "trainer.ckpt_every_steps=7", "trainer.stop_grace_s=5"])
+    assert run_name(again) != run_name(first)
+    name, keys = operational_twin(again)
+    assert name == run_name(first) and keys == [f"trainer.ckpt_every_steps={first.trainer.ckpt_every_steps}",
+                                                f"trainer.stop_grace_s={first.trainer.stop_grace_s}"]
+    assert operational_twin(load_config([DEMO], [*out, "trainer.ckpt_every_steps=7", "optim.lr=0.0123"])) is None
+    assert operational_twin(first) is None  # itself: nothing differs

@@ -291,30 +291,43 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
-def _shard_images(urls: list[str], image_size: int, count: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Images of the shards in file order (no shuffle: the reference must not depend on a seed); every rank reads
-    them all. A corrupt sample or tar is skipped and counted (one line at the end), as everywhere else."""
+def decoded_shard_images(urls: list[str], image_size: int, skipped: list[str], crop: str = "adm",
+                         labels: bool = False) -> Iterator[tuple[np.ndarray, int | None]]:
+    """(uint8 [S, S, 3], label or None) of each readable sample of the shards, in file order (no shuffle: a
+    reference or an extractor's data must not depend on a seed). ``crop``: adm (the ADM centre crop, what the
+    pretokenizer encodes) or none (a square resize, the image DataModule's center_crop=none). A corrupt sample or
+    tar (and, with ``labels``, a sample without a readable cls) is skipped and noted in ``skipped``."""
     from PIL import Image
 
     from datamodules.shards import iter_tar_samples
+    from datamodules.transforms import resize_square, to_rgb
 
-    buf, seen, skipped = [], 0, []
     for url in urls:
         for sample in iter_tar_samples(url, skipped.append):
-            data = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+            data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
             try:
+                label = int(sample["cls"].decode("ascii").strip()) if labels else None
                 if data is None:
                     raise ValueError("no png/jpg entry")
-                buf.append(center_crop_arr(Image.open(io.BytesIO(data)), image_size))
+                pil = Image.open(io.BytesIO(data))
+                image = (center_crop_arr(pil, image_size) if crop == "adm"
+                         else np.asarray(resize_square(to_rgb(pil), image_size)))
             except Exception as exn:  # noqa: BLE001 - a broken sample is skipped and counted, not fatal
                 skipped.append(f"{url}:{sample.get('__key__')}: {type(exn).__name__}: {str(exn)[:80]}")
                 continue
-            seen += 1
-            if len(buf) == batch_size or seen == count:
-                yield np.stack(buf)
-                buf = []
-            if seen == count:
-                break
+            yield image, label
+
+
+def _shard_images(urls: list[str], image_size: int, count: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of the first ``count`` (0 = all) images of the shards; every rank reads them all. Corrupt samples
+    are skipped and counted (one line at the end), as everywhere else."""
+    buf, seen, skipped = [], 0, []
+    for image, _ in decoded_shard_images(urls, image_size, skipped):
+        buf.append(image)
+        seen += 1
+        if len(buf) == batch_size or seen == count:
+            yield np.stack(buf)
+            buf = []
         if seen == count:
             break
     if buf:

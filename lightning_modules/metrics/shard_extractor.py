@@ -11,7 +11,6 @@ extractor used on samples of another resolution, or against a reference from ano
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 
@@ -91,30 +90,15 @@ def shard_images(pattern: str, image_size: int, max_images: int = 0, crop: str =
     """(uint8 [N, 3, S, S], int64 [N]) of the shards in file order, ADM centre crop at ``image_size`` (what the
     pretokenizer encodes and the shard reference of experiments.evaluate reads; ``crop="none"``: a plain square
     resize, as the image DataModule's center_crop=none); corrupt samples skipped and counted."""
-    from PIL import Image
-
-    from datamodules.transforms import resize_square, to_rgb
-
-    from datamodules.shards import iter_tar_samples
     from datamodules.wds_utils import check_shards_exist, expand_shards
-    from lightning_modules.metrics.reference import center_crop_arr
+    from lightning_modules.metrics.reference import decoded_shard_images
 
     urls = expand_shards(pattern, "--shards")
     check_shards_exist(urls, "--shards")
     images, labels, skipped = [], [], []
-    for url in urls:
-        for sample in iter_tar_samples(url, skipped.append):
-            data = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-            try:
-                label = int(sample["cls"].decode("ascii").strip())
-                pil = Image.open(io.BytesIO(data))
-                images.append(center_crop_arr(pil, image_size) if crop == "adm"
-                              else np.asarray(resize_square(to_rgb(pil), image_size)))
-                labels.append(label)
-            except Exception as exn:  # noqa: BLE001 - a broken sample is skipped and counted, not fatal
-                skipped.append(f"{url}:{sample.get('__key__')}: {type(exn).__name__}")
-            if max_images and len(images) >= max_images:
-                break
+    for image, label in decoded_shard_images(urls, image_size, skipped, crop, labels=True):
+        images.append(image)
+        labels.append(label)
         if max_images and len(images) >= max_images:
             break
     if not images:

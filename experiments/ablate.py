@@ -167,15 +167,10 @@ def training_arms(sweep: DictConfig, extra: list[str] = ()) -> list[Arm]:
 
 
 def finished_metrics(arm: Arm) -> dict | None:
-    """metrics.json of a finished run of exactly this config, else None."""
-    path = os.path.join(arm.run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        metrics = json.load(f)
-    same = metrics.get("config_hash") == config_hash(arm.cfg)
-    done = metrics.get("steps") == arm.cfg.trainer.max_steps
-    return metrics if same and done and os.path.isfile(_checkpoint(arm)) else None
+    """metrics.json of a finished run of exactly this config (train's test: last.ckpt at the final step), else None."""
+    from experiments.train import finished_run
+
+    return finished_run(arm.cfg, arm.run_dir)
 
 
 def _checkpoint(arm: Arm) -> str:

@@ -69,19 +69,15 @@ def ended_ranks(trainer, cfg, err: BaseException) -> BaseException:
     return err
 
 
-def finished_record(cfg, run_dir: str) -> dict | None:
-    """metrics.json of this run when it is finished (resume=auto, same config hash, its steps and last.ckpt's both
-    at trainer.max_steps), else None. Fitting from a finished last.ckpt trains nothing, but would still validate,
-    sample and log the final step a second time and overwrite fit_seconds with the no-op's seconds."""
+def finished_run(cfg, run_dir: str) -> dict | None:
+    """metrics.json of a finished run of exactly this config (same config hash, its steps and last.ckpt's both at
+    trainer.max_steps), else None. Also ablate's and the study's test for a finished arm."""
     from lightning_modules.checkpointing import checkpoint_step
 
-    path = os.path.join(run_dir, "metrics.json")
-    if cfg.resume != "auto" or cfg.trainer.fast_dev_run or not os.path.isfile(path):
-        return None
     try:
-        with open(path) as f:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
             record = json.load(f)
-    except (OSError, ValueError):  # unreadable: train (resume) as if it were not there
+    except (OSError, ValueError):  # missing or unreadable: train (resume) as if it were not there
         return None
     steps = cfg.trainer.max_steps
     if record.get("config_hash") != config_hash(cfg) or record.get("steps") != steps:
@@ -90,7 +86,17 @@ def finished_record(cfg, run_dir: str) -> dict | None:
     # resumes to write it
     if checkpoint_step(os.path.join(run_dir, "checkpoints", "last.ckpt")) != steps:
         return None
-    return dict(record, run_dir=run_dir)
+    return record
+
+
+def finished_record(cfg, run_dir: str) -> dict | None:
+    """finished_run's record (with run_dir) when re-running this run would do nothing (resume=auto, not a
+    fast_dev_run), else None. Fitting from a finished last.ckpt trains nothing, but would still validate, sample
+    and log the final step a second time and overwrite fit_seconds with the no-op's seconds."""
+    if cfg.resume != "auto" or cfg.trainer.fast_dev_run:
+        return None
+    record = finished_run(cfg, run_dir)
+    return None if record is None else dict(record, run_dir=run_dir)
 
 
 def run(cfg, quiet: bool = False) -> dict:
